@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: demo test bench clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Stamp files record which extras are installed, so re-running is instant.
+$(VENV)/.demo-installed: pyproject.toml | $(VENV)/bin/activate
+	$(PIP) install --quiet -e ".[numba,train,plot]"
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/activate
+	$(PIP) install --quiet -e ".[numba,train,plot,test]"
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/tinymoe train
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.test-installed
+	$(VENV)/bin/tinymoe bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Backend registry (filled in by the backends issue)."""

@@ -1,0 +1,61 @@
+"""Activation functions on raw arrays, each with its derivative.
+
+These are shared by `tinymoe.functional` (which wraps them as differentiable Tensor ops) and by the grouped
+expert FFN in `tinymoe.dispatch` (which recomputes the derivative from the saved pre-activation in backward).
+GELU is the tanh approximation (Hendrycks & Gimpel 2016, eq. in §2; the form GPT-2 and BERT use): NumPy has no
+erf, and the tanh form is within 1e-3 of the exact one.
+"""
+import math
+
+from .tensor import array_module
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def relu(x):
+    return array_module(x).maximum(x, 0)
+
+
+def relu_grad(x):
+    return (x > 0).astype(x.dtype)
+
+
+def gelu(x):
+    xp = array_module(x)
+    return 0.5 * x * (1 + xp.tanh(_GELU_C * (x + 0.044715 * x**3)))
+
+
+def gelu_grad(x):
+    xp = array_module(x)
+    t = xp.tanh(_GELU_C * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+
+
+def sigmoid(x):
+    xp = array_module(x)
+    e = xp.exp(-xp.abs(x))  # exp of a non-positive number only: stable in both tails
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype)
+
+
+def silu(x):
+    return x * sigmoid(x)
+
+
+def silu_grad(x):
+    s = sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def softplus(x):
+    xp = array_module(x)
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+# name -> (forward, derivative), for modules that take `activation="gelu"`
+ACTIVATIONS = {"relu": (relu, relu_grad), "gelu": (gelu, gelu_grad), "silu": (silu, silu_grad)}
+
+
+def get_activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]

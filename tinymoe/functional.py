@@ -1,0 +1,207 @@
+"""Functional ops: one lowercase function per op, on Tensors.
+
+Most are compositions of the engine's primitives (so their gradients come for free and are right by
+construction). Fused, with a hand-written gradient, only where stability or speed needs it:
+* softmax, log_softmax, logsumexp: subtract the max first (stability), and one-pass gradients (speed);
+* gelu, silu, softplus: elementwise with their closed-form derivative (speed; see `tinymoe.activations`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import activations as A
+from .tensor import Tensor, concatenate, maximum, stack, tensor, where  # noqa: F401  (re-exported)
+
+
+def _elementwise(x, forward, derivative, name):
+    """A fused elementwise op y = forward(x) with dy/dx = derivative(x)."""
+    x = tensor(x)
+    out = x._make(forward(x.data), (x,), name)
+    out._backward = lambda g: x._accumulate(g * derivative(x.data))
+    return out
+
+
+def relu(x):
+    return tensor(x).relu()
+
+
+def gelu(x):
+    """GELU, tanh approximation (see `tinymoe.activations`)."""
+    return _elementwise(x, A.gelu, A.gelu_grad, "gelu")
+
+
+def silu(x):
+    return _elementwise(x, A.silu, A.silu_grad, "silu")
+
+
+def softplus(x):
+    return _elementwise(x, A.softplus, A.sigmoid, "softplus")
+
+
+def sigmoid(x):
+    return tensor(x).sigmoid()
+
+
+def tanh(x):
+    return tensor(x).tanh()
+
+
+def activation(name):
+    """The activation function called `name` (relu | gelu | silu)."""
+    A.get_activation(name)  # validates the name
+    return {"relu": relu, "gelu": gelu, "silu": silu}[name]
+
+
+def softmax(x, axis=-1):
+    x = tensor(x)
+    xp = x.xp
+    e = xp.exp(x.data - x.data.max(axis=axis, keepdims=True))
+    y = e / e.sum(axis=axis, keepdims=True)
+    out = x._make(y, (x,), "softmax")
+    out._backward = lambda g: x._accumulate(y * (g - (g * y).sum(axis=axis, keepdims=True)))
+    return out
+
+
+def log_softmax(x, axis=-1):
+    x = tensor(x)
+    xp = x.xp
+    shifted = x.data - x.data.max(axis=axis, keepdims=True)
+    y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    out = x._make(y, (x,), "log_softmax")
+    out._backward = lambda g: x._accumulate(g - xp.exp(y) * g.sum(axis=axis, keepdims=True))
+    return out
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    x = tensor(x)
+    xp = x.xp
+    m = x.data.max(axis=axis, keepdims=True)
+    lse = m + xp.log(xp.exp(x.data - m).sum(axis=axis, keepdims=True))  # keepdims shape
+    out = x._make(lse if keepdims else lse.squeeze(axis=axis), (x,), "logsumexp")
+
+    def _backward(g):
+        g = g if keepdims else xp.expand_dims(g, axis)
+        x._accumulate(g * xp.exp(x.data - lse))
+
+    out._backward = _backward
+    return out
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) over the last axis, then * weight + bias (Ba et al. 2016)."""
+    x = tensor(x)
+    centred = x - x.mean(axis=-1, keepdims=True)
+    y = centred / ((centred * centred).mean(axis=-1, keepdims=True) + eps).sqrt()
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def rms_norm(x, weight=None, eps=1e-6):
+    """x / sqrt(mean(x^2) + eps) over the last axis, then * weight (Zhang & Sennrich 2019)."""
+    x = tensor(x)
+    y = x / ((x * x).mean(axis=-1, keepdims=True) + eps).sqrt()
+    return y * weight if weight is not None else y
+
+
+def dropout(x, p=0.1, training=True, rng=None):
+    """Inverted dropout: zero each element with probability p and scale the rest by 1/(1-p).
+
+    `rng` is a `np.random.Generator` (seeded dropout, no global state); identity when not training or p == 0.
+    """
+    x = tensor(x)
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    if rng is None:
+        raise ValueError("dropout: pass rng=np.random.default_rng(seed) so that dropout is reproducible")
+    keep = x.xp.asarray(rng.random(x.shape) >= p)
+    return x * (keep.astype(x.dtype) / (1 - p))
+
+
+def embedding(ids, weight):
+    """Rows of `weight` (V, d) picked by integer `ids` (any shape) -> (*ids.shape, d)."""
+    ids = ids.data if isinstance(ids, Tensor) else weight.xp.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        raise IndexError(f"embedding: ids must lie in [0, {weight.shape[0]}), got [{int(ids.min())}, {int(ids.max())}]")
+    return weight[ids]
+
+
+def _reduce(loss, reduction, op):
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """Softmax cross-entropy. logits (..., C), integer targets (...).
+
+    Targets equal to `ignore_index` contribute nothing; 'mean' averages over the others. With label smoothing
+    eps the target distribution is (1 - eps) on the label plus eps / C everywhere (Szegedy et al. 2016, §7).
+    """
+    logits = tensor(logits)
+    t = targets.data if isinstance(targets, Tensor) else logits.xp.asarray(targets)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, got dtype {t.dtype}")
+    if logits.shape[:-1] != t.shape:
+        raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, got {t.shape}")
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    num_classes = logits.shape[-1]
+    keep = t != ignore_index
+    if t.size and keep.any() and (int(t[keep].min()) < 0 or int(t[keep].max()) >= num_classes):
+        raise IndexError(f"cross_entropy: targets must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
+
+    logp = log_softmax(logits.reshape(-1, num_classes))  # (N, C)
+    flat_t, flat_keep = t.reshape(-1), keep.reshape(-1)
+    safe_t = logits.xp.where(flat_keep, flat_t, 0)
+    nll = -logp[logits.xp.arange(len(safe_t)), safe_t]  # (N,)
+    if label_smoothing:
+        nll = nll * (1 - label_smoothing) - logp.mean(axis=-1) * label_smoothing
+    nll = nll * flat_keep.astype(logits.dtype)
+    if reduction == "mean":
+        return nll.sum() * (1.0 / max(int(flat_keep.sum()), 1))
+    return _reduce(nll.reshape(t.shape), reduction, "cross_entropy")
+
+
+def mse_loss(pred, target, reduction="mean"):
+    pred, target = tensor(pred), tensor(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"mse_loss: pred {pred.shape} and target {target.shape} must have the same shape")
+    diff = pred - target
+    return _reduce(diff * diff, reduction, "mse_loss")
+
+
+def binary_cross_entropy_with_logits(logits, targets, reduction="mean"):
+    """-(y log σ(x) + (1-y) log(1-σ(x))) written stably as max(x,0) - x·y + log(1 + exp(-|x|))."""
+    logits, targets = tensor(logits), tensor(targets)
+    if logits.shape != targets.shape:
+        raise ValueError(f"binary_cross_entropy_with_logits: logits {logits.shape} and targets {targets.shape} differ")
+    loss = logits.relu() - logits * targets + softplus(-logits.abs())
+    return _reduce(loss, reduction, "binary_cross_entropy_with_logits")
+
+
+# the engine's primitives, under their functional names
+def exp(x):
+    return tensor(x).exp()
+
+
+def log(x):
+    return tensor(x).log()
+
+
+def sqrt(x):
+    return tensor(x).sqrt()
+
+
+def clip(x, low=None, high=None):
+    return tensor(x).clip(low, high)

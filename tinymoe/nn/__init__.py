@@ -1,0 +1,7 @@
+"""Modules (PyTorch-like): layers, attention, and the MoE layers."""
+from .attention import MultiHeadAttention, TransformerBlock
+from .layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
+from .module import Module, ModuleList, Parameter
+
+__all__ = ["Module", "ModuleList", "Parameter", "Linear", "Embedding", "LayerNorm", "RMSNorm", "Dropout",
+           "FeedForward", "MultiHeadAttention", "TransformerBlock"]
