@@ -122,6 +122,14 @@ class Tensor:
     def zero_grad(self):
         self.grad = None
 
+    def astype(self, dtype):
+        """A cast; the gradient is cast back. Returns self when the dtype already matches."""
+        if self.dtype == dtype:
+            return self
+        out = self._make(self.data.astype(dtype), (self,), "astype")
+        out._backward = lambda g: self._accumulate(g.astype(self.dtype))
+        return out
+
     # ---- graph construction -------------------------------------------------------------------------------
     def _make(self, data, parents, op):
         """The output of an op. It joins the graph only when grad is on and some input needs a gradient."""
