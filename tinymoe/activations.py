@@ -59,3 +59,18 @@ def get_activation(name):
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+def normal_cdf(x):
+    """Φ(x) = ½(1 + erf(x/√2)), erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7; NumPy has no erf)."""
+    xp = array_module(x)
+    z = xp.abs(x) / math.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    erf = 1.0 - poly * xp.exp(-z * z)
+    return (0.5 * (1.0 + xp.sign(x) * erf)).astype(x.dtype)
+
+
+def normal_pdf(x):
+    xp = array_module(x)
+    return (xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)).astype(x.dtype)

@@ -38,6 +38,11 @@ def softplus(x):
     return _elementwise(x, A.softplus, A.sigmoid, "softplus")
 
 
+def normal_cdf(x):
+    """Φ(x), the standard normal CDF (forward by Abramowitz & Stegun, gradient the exact pdf)."""
+    return _elementwise(x, A.normal_cdf, A.normal_pdf, "normal_cdf")
+
+
 def sigmoid(x):
     return tensor(x).sigmoid()
 

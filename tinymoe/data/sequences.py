@@ -172,7 +172,7 @@ def random_mapping_tasks(num, seq_len=8, vocab_size=10, seed=0) -> list[tuple[st
     for _ in range(100 * num + 100):
         if len(tasks) == num:
             return tasks
-        k = int(rng.integers(0, 1_000_000))
+        k = int(rng.integers(0, 10_000))
         positions, values = _random_mapping(k, seq_len, vocab_size)
         key = (tuple(positions.tolist()), tuple(values.tolist()))
         if key not in seen:                     # distinct (positions, values) pairs are distinct functions

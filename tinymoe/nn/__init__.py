@@ -1,7 +1,8 @@
 """Modules (PyTorch-like): layers, attention, and the MoE layers."""
 from .attention import MultiHeadAttention, TransformerBlock
 from .layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
+from .moe import MoE, MultiGateMoE
 from .module import Module, ModuleList, Parameter
 
 __all__ = ["Module", "ModuleList", "Parameter", "Linear", "Embedding", "LayerNorm", "RMSNorm", "Dropout",
-           "FeedForward", "MultiHeadAttention", "TransformerBlock"]
+           "FeedForward", "MultiHeadAttention", "TransformerBlock", "MoE", "MultiGateMoE"]

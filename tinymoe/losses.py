@@ -1,0 +1,57 @@
+"""Auxiliary losses of an MoE layer: formulas, minima, and what to plot.
+
+| name            | formula                                         | minimum                     | default weight |
+|-----------------|-------------------------------------------------|-----------------------------|----------------|
+| load_balance    | E · Σ_i f_i · P_i (Switch, Fedus et al. 2022 eq. 4) | 1, when f and P are uniform | 1e-2        |
+| importance_load | CV(Σ_x g(x))² + CV(load)² (Shazeer et al. 2017 eq. 6-11) | 0, balanced        | 1e-2           |
+| z_loss          | mean_x logsumexp(h(x))² (ST-MoE, Zoph et al. 2022 eq. 5) | small logits → 0   | 1e-3           |
+| dselect_entropy | Σ_l H(r(z⁽ˡ⁾)) (+ Σ_l 1/Σ_i r_i if E ≠ 2^m) (Hazimeh et al. 2021) | 0, one-hot selectors | 1e-6 |
+
+f_i is the share of the (kept-by-the-gate) assignments sent to expert i and P_i the mean router probability of
+expert i. Only P carries a gradient (f comes from an argmax). A load-balance value of 1.0 therefore does not mean
+"balanced" unless f is uniform too: plot f_i and P_i per expert per layer (`MoE.last_routing`), and dropped
+assignments, rather than reading the scalar alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import functional as F
+from .tensor import Tensor
+
+DEFAULT_WEIGHTS = {"load_balance": 1e-2, "importance_load": 1e-2, "z_loss": 1e-3, "dselect_entropy": 1e-6}
+
+
+def load_balance(probs: Tensor, expert_idx, keep=None) -> Tensor:
+    """E · Σ_i f_i · P_i. probs (T, E); expert_idx (T, k) the choices; keep (T, k) marks real assignments."""
+    E = probs.shape[1]
+    chosen = expert_idx.reshape(-1) if keep is None else expert_idx[keep]
+    f = np.bincount(chosen, minlength=E) / max(chosen.size, 1)  # (E,) no gradient: an argmax
+    P = probs.mean(axis=0)  # (E,)
+    return (P * f.astype(probs.dtype)).sum() * float(E)
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """mean_x (logsumexp h(x))²: keeps router logits small so the softmax stays well conditioned."""
+    lse = F.logsumexp(logits, axis=-1)
+    return (lse * lse).mean()
+
+
+def weighted_total(losses: dict, weights: dict) -> Tensor | float:
+    """Σ_name weight[name] · loss[name] over the losses present; 0.0 when there are none."""
+    total = 0.0
+    for name, value in losses.items():
+        w = weights.get(name, DEFAULT_WEIGHTS.get(name, 0.0))
+        if w:
+            total = value * w + total
+    return total
+
+
+def average_over_layers(per_layer: list) -> dict:
+    """{name: mean over the layers that report it} (several MoE layers in one model)."""
+    sums, counts = {}, {}
+    for losses in per_layer:
+        for name, value in losses.items():
+            sums[name] = value if name not in sums else sums[name] + value
+            counts[name] = counts.get(name, 0) + 1
+    return {name: sums[name] * (1.0 / counts[name]) for name in sums}
