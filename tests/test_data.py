@@ -290,6 +290,13 @@ def test_multi_digits_deterministic_and_source_split_is_disjoint():
         multi_digits("stacked")
 
 
+def test_multi_digits_without_sklearn_says_what_to_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes `from sklearn.datasets import ...` fail
+    with pytest.raises(ImportError, match=r"pip install 'tinymoe\[digits\]'"):
+        multi_digits(n=5)
+
+
 # ---------------------------------------------------------------- CSV / .npz loader
 
 def write_csv(path, rows):
@@ -370,8 +377,10 @@ def test_load_npz_x_y_layout(tmp_path):
     assert ds.task_names == ["ctr", "cvr"]
     one = load_table(path, "cvr")
     np.testing.assert_allclose(one.y[:, 0], y[:, 1])
-    np.testing.assert_allclose(one.x, x)                  # the other task is not turned into a feature? see below
-    assert one.meta["feature_names"] == ["x0", "x1", "x2", "ctr"]
+    np.testing.assert_allclose(one.x, x)                  # features default to x, never the other task
+    assert one.meta["feature_names"] == ["x0", "x1", "x2"] and one.task_names == ["cvr"]
+    with pytest.raises(ValueError, match=r"no column \['ctrr'\].*available columns: \['x0', 'x1', 'x2', 'ctr'"):
+        load_table(path, "ctrr")
 
 
 # ---------------------------------------------------------------- containers and splits
@@ -391,8 +400,11 @@ def test_splits_are_disjoint_and_cover_the_data(make):
     ds = make()
     parts = train_val_test_split(ds, (0.8, 0.1, 0.1), seed=0)
     assert set(parts) == {"train", "val", "test"}
-    rows = lambda d: {r.tobytes() for r in (d.x if isinstance(d, TabularTasks) else  # noqa: E731
-                                            np.concatenate([d.tokens, d.task_ids[:, None]], 1))}
+
+    def rows(d):  # each example as bytes, to compare the parts as sets
+        table = d.x if isinstance(d, TabularTasks) else np.concatenate([d.tokens, d.task_ids[:, None]], axis=1)
+        return {r.tobytes() for r in table}
+
     sizes = [len(parts[k]) for k in ("train", "val", "test")]
     assert sum(sizes) == len(ds) and sizes[0] > sizes[1] > 0 and sizes[2] > 0
     everything = rows(ds)

@@ -83,7 +83,8 @@ class SequenceTasks:
             raise ValueError(f"SequenceTasks: need tokens and targets of the same shape (N, L), got "
                              f"{self.tokens.shape} and {self.targets.shape}")
         if self.task_ids.shape != (len(self.tokens),):
-            raise ValueError(f"SequenceTasks: task_ids must have shape ({len(self.tokens)},), got {self.task_ids.shape}")
+            raise ValueError(f"SequenceTasks: task_ids must have shape ({len(self.tokens)},), "
+                             f"got {self.task_ids.shape}")
         if len(self.task_descriptions) != len(self.task_names):
             raise ValueError(f"SequenceTasks: {len(self.task_names)} task names but "
                              f"{len(self.task_descriptions)} descriptions")

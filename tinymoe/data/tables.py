@@ -59,7 +59,7 @@ def _csv_column(path, name, cells, lines):
 
 
 def _read_npz(path):
-    """-> ({column: 1-D array}, default target columns or None) for either .npz layout."""
+    """-> ({column: 1-D array}, default targets, default features) for either .npz layout (None: not known)."""
     with np.load(path, allow_pickle=False) as archive:
         try:
             arrays = {key: archive[key] for key in archive.files}
@@ -83,12 +83,12 @@ def _read_npz(path):
             raise ValueError(f"load_table: {path}: feature_names and task_names must all differ, got {names}")
         columns = {name: x[:, j] for j, name in enumerate(feature_names)}
         columns.update({name: y[:, t] for t, name in enumerate(task_names)})
-        return columns, task_names
+        return columns, task_names, feature_names
     lengths = {key: a.shape for key, a in arrays.items()}
     if any(a.ndim != 1 for a in arrays.values()) or len({a.shape for a in arrays.values()}) > 1:
         raise ValueError(f"load_table: {path}: expected one 1-D array per column, all of the same length (or "
                          f"arrays 'x' and 'y'), got shapes {lengths}")
-    return arrays, None
+    return arrays, None, None
 
 
 def _npz_column(path, name, array):
@@ -107,7 +107,8 @@ def load_table(path, target_columns=None, feature_columns=None, task_type="regre
 
     target_columns: the column(s) to predict, one task each (a name or a list). May be left out only for the
     .npz x / y layout, where it defaults to every task.
-    feature_columns: defaults to every column that is not a target.
+    feature_columns: defaults to every column that is not a target (for the .npz x / y layout: the columns of x,
+    named by `feature_names` or "x0", "x1", ...).
     task_type: "regression" (float32 targets) or "classification" (integer labels 0..C−1, num_classes = C).
     """
     path = Path(path)
@@ -121,9 +122,9 @@ def load_table(path, target_columns=None, feature_columns=None, task_type="regre
         raw, lines = _read_csv(path)
         column = lambda name: _csv_column(path, name, raw[name], lines)           # noqa: E731
         where = lambda i: f"row {i} (line {lines[i]} of the file)"                # noqa: E731
-        default_targets = None
+        default_targets = default_features = None
     elif suffix == ".npz":
-        raw, default_targets = _read_npz(path)
+        raw, default_targets, default_features = _read_npz(path)
         column = lambda name: _npz_column(path, name, raw[name])                  # noqa: E731
         where = lambda i: f"row {i}"                                              # noqa: E731
     else:
@@ -136,7 +137,9 @@ def load_table(path, target_columns=None, feature_columns=None, task_type="regre
                              f"{available}")
         target_columns = default_targets
     targets = _as_list(target_columns)
-    features = [c for c in available if c not in targets] if feature_columns is None else _as_list(feature_columns)
+    if feature_columns is None:  # the columns of x in the x / y layout, else every column that is not a target
+        feature_columns = default_features or [c for c in available if c not in targets]
+    features = _as_list(feature_columns)
     missing = [c for c in targets + features if c not in raw]
     if missing:
         raise ValueError(f"load_table: {path} has no column {missing}; available columns: {available}. "

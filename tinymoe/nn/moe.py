@@ -56,6 +56,20 @@ class RoutingStats:
     task_ids: np.ndarray | None  # (T,)
     num_experts: int
 
+    def expert_load(self):
+        """f_i: the share of computed assignments that went to each expert (E,); uniform is 1/E."""
+        return self.counts / max(self.counts.sum(), 1)
+
+    def task_expert_load(self, num_tasks=None):
+        """(num_tasks, E) count of computed assignments per task and expert (needs task ids)."""
+        if self.task_ids is None:
+            raise ValueError("task_expert_load: the last forward had no task_ids")
+        num_tasks = num_tasks or int(self.task_ids.max()) + 1
+        table = np.zeros((num_tasks, self.num_experts), dtype=np.int64)
+        tasks = np.broadcast_to(self.task_ids[:, None], self.keep.shape)
+        np.add.at(table, (tasks[self.keep], self.expert_idx[self.keep]), 1)
+        return table
+
     @property
     def tokens_dropped(self):
         """Tokens that the gate routed somewhere but that no expert computed (their MoE output is 0)."""
