@@ -24,6 +24,22 @@ def make_rng(seed):
     return np.random.default_rng(0 if seed is None else seed)
 
 
+def init_config(**kwargs) -> dict:
+    """The constructor arguments of a module as JSON-able values, kept as `module.config` so a checkpoint can
+    rebuild it with `cls(**config)`. dtypes become their names; a Generator seed becomes None (the weights come
+    from the checkpoint anyway)."""
+    out = {}
+    for name, value in kwargs.items():
+        if isinstance(value, np.random.Generator):
+            value = None
+        elif isinstance(value, type) and issubclass(value, np.generic) or isinstance(value, np.dtype):
+            value = np.dtype(value).name
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[name] = value
+    return out
+
+
 class Module:
     training = True
 

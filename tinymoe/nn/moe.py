@@ -21,7 +21,7 @@ from ..moe_ops import dispatch as gather_rows
 from ..routers import Router
 from ..tensor import Tensor
 from .layers import FeedForward, Linear
-from .module import Module, ModuleList, Parameter, make_rng
+from .module import Module, ModuleList, Parameter, init_config, make_rng
 
 
 class Experts(Module):
@@ -107,6 +107,12 @@ class MoE(Module):
             raise ValueError(f"MoE: capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
         if priority not in ("slot", "weight"):
             raise ValueError(f"MoE: priority must be 'slot' or 'weight', got {priority!r}")
+        self.config = init_config(d_model=d_model, d_ff=d_ff, num_experts=num_experts, gate=gate, k=k,
+                                  capacity_factor=capacity_factor, router=router, num_tasks=num_tasks,
+                                  activation=activation, seed=seed, priority=priority,
+                                  num_shared_experts=num_shared_experts, task_dim=task_dim,
+                                  task_descriptions=task_descriptions, num_description_parts=num_description_parts,
+                                  gamma=gamma, renormalize=renormalize, aux_weights=aux_weights, dtype=dtype)
         rng = make_rng(seed)
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
         self.gate_name, self.capacity_factor, self.priority = gate, capacity_factor, priority
@@ -250,6 +256,10 @@ class MultiGateMoE(Module):
             raise ValueError(f"MultiGateMoE: gate must be 'softmax', 'top_k' or 'dselect_k', got {gate!r}")
         k = num_experts if gate == "softmax" else k
         _check_k("MultiGateMoE", k, num_experts)
+        self.config = init_config(d_in=d_in, d_expert=d_expert, num_experts=num_experts, num_tasks=num_tasks,
+                                  gate=gate, k=k, per_example=per_example, seed=seed, d_hidden=d_hidden,
+                                  tower_hidden=tower_hidden, out_dim=out_dim, activation=activation, gamma=gamma,
+                                  aux_weights=aux_weights, dtype=dtype)
         rng = make_rng(seed)
         self.d_in, self.num_experts, self.num_tasks, self.k = d_in, num_experts, num_tasks, k
         self.gate_name, self.per_example, self.gamma, self.activation = gate, per_example, gamma, activation
