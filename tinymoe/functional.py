@@ -187,11 +187,25 @@ def mse_loss(pred, target, reduction="mean"):
 
 
 def binary_cross_entropy_with_logits(logits, targets, reduction="mean"):
-    """-(y log σ(x) + (1-y) log(1-σ(x))) written stably as max(x,0) - x·y + log(1 + exp(-|x|))."""
+    """-(y log σ(x) + (1-y) log(1-σ(x))), fused: max(x,0) - x·y + log1p(exp(-|x|)) forward, σ(x) - y backward.
+
+    Fused for stability: the forward never exponentiates a large number and keeps exp(-100) at x = ±100 (the
+    softplus(x) - x·y form cancels it away), and the gradient is σ(x) - y everywhere (composing relu and abs would
+    take a one-sided derivative at x = 0). The targets' gradient is -x.
+    """
     logits, targets = tensor(logits), tensor(targets)
     if logits.shape != targets.shape:
         raise ValueError(f"binary_cross_entropy_with_logits: logits {logits.shape} and targets {targets.shape} differ")
-    loss = logits.relu() - logits * targets + softplus(-logits.abs())
+    xp, x, y = logits.xp, logits.data, targets.data
+    loss = logits._make(xp.maximum(x, 0) - x * y + xp.log1p(xp.exp(-xp.abs(x))), (logits, targets), "bce_logits")
+
+    def _backward(g):
+        if logits.requires_grad:
+            logits._accumulate(g * (A.sigmoid(x) - y))
+        if targets.requires_grad:
+            targets._accumulate(g * -x)
+
+    loss._backward = _backward
     return _reduce(loss, reduction, "binary_cross_entropy_with_logits")
 
 

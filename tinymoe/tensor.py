@@ -94,6 +94,7 @@ class Tensor:
         self._parents = _parents
         self._backward = None
         self._op = _op
+        self._graph_freed = False
 
     # ---- small conveniences -------------------------------------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -151,6 +152,9 @@ class Tensor:
         """Reverse-mode: d(self)/d(every tensor that requires grad), accumulated into `.grad`."""
         if not self.requires_grad:
             raise RuntimeError("backward: this tensor does not require grad (no input had requires_grad=True)")
+        if self._graph_freed:
+            raise RuntimeError("backward: this graph was freed by an earlier backward(); run the forward pass again "
+                               "(gradients would otherwise silently stop at this tensor)")
         if grad is None:
             if self.size != 1:
                 raise RuntimeError(
@@ -182,12 +186,17 @@ class Tensor:
                     node.grad = None
                     node._backward = None
                     node._parents = ()
+                    node._graph_freed = True
 
     # ---- elementwise arithmetic ---------------------------------------------------------------------------
     def _lift(self, other):
+        """A constant as a Tensor of our dtype (a Python float meeting an integer tensor becomes float32)."""
         if isinstance(other, Tensor):
             return other
-        return Tensor(self.xp.asarray(other, dtype=self.dtype))
+        dtype = self.dtype
+        if dtype.kind != "f" and isinstance(other, float):
+            dtype = self.xp.float32
+        return Tensor(self.xp.asarray(other, dtype=dtype))
 
     def __add__(self, other):
         other = self._lift(other)
@@ -237,7 +246,10 @@ class Tensor:
         if not isinstance(exponent, numbers.Real):
             raise TypeError(f"pow: exponent must be a number or a Tensor, got {type(exponent).__name__}")
         out = self._make(self.data**exponent, (self,), "pow")
-        out._backward = lambda g: self._accumulate(g * exponent * self.data ** (exponent - 1))
+        if exponent == 0:  # d/dx x**0 = 0 everywhere, also at x = 0 (where 0 · x**-1 would be NaN)
+            out._backward = lambda g: self._accumulate(self.xp.zeros_like(self.data))
+        else:
+            out._backward = lambda g: self._accumulate(g * exponent * self.data ** (exponent - 1))
         return out
 
     def __neg__(self):

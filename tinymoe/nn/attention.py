@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import functional as F
 from .layers import Dropout, FeedForward, LayerNorm, Linear
+from ..tensor import Tensor
 from .module import Module, make_rng
 
 _MASKED = -1e9  # a large finite number, so a fully masked row gives a uniform softmax instead of NaN
@@ -48,7 +49,7 @@ class MultiHeadAttention(Module):
         if self.causal:
             blocked = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T)
         if padding_mask is not None:
-            pad = padding_mask.data if hasattr(padding_mask, "data") else xp.asarray(padding_mask)
+            pad = padding_mask.data if isinstance(padding_mask, Tensor) else xp.asarray(padding_mask)
             if pad.shape != (x.shape[0], T):
                 raise ValueError(f"MultiHeadAttention: padding_mask must be (B, T) = {(x.shape[0], T)}, got {pad.shape}")
             pad = pad.astype(bool)[:, None, None, :]  # (B, 1, 1, T): padded keys
