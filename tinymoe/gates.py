@@ -98,10 +98,14 @@ def noisy_top_k_gate(logits: Tensor, noise_logits: Tensor, k: int, rng, training
 
 def _smooth_load(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) -> Tensor:
     """Σ_x P(x, i): the probability that expert i stays in the top k under a fresh draw of its own noise."""
-    top = -np.sort(-noisy.data, axis=-1)  # (T, E) descending
-    in_top = noisy.data >= top[:, k - 1 : k]  # (T, E) is i among the k largest?
-    threshold = np.where(in_top, top[:, k : k + 1], top[:, k - 1 : k])  # k-th largest of H excluding i
-    return F.normal_cdf((clean - Tensor(threshold)) / noise_std).sum(axis=0)
+    T = noisy.shape[0]
+    ranked = np.argsort(-noisy.data, axis=-1, kind="stable")  # (T, E) expert ids, largest H first
+    kth, next_ = ranked[:, k - 1 : k], ranked[:, k : k + 1]  # (T, 1) the k-th and (k+1)-th largest
+    in_top = noisy.data >= np.take_along_axis(noisy.data, kth, axis=-1)  # (T, E) is i among the k largest?
+    # the k-th largest of H excluding i — a differentiable pick from H, so the gradient reaches other experts' h
+    column = np.where(in_top, next_, kth)  # (T, E)
+    threshold = noisy[np.arange(T)[:, None], column]  # (T, E)
+    return F.normal_cdf((clean - threshold) / noise_std).sum(axis=0)
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -131,8 +135,10 @@ def smooth_step(t: Tensor, gamma=1.0) -> Tensor:
 
 
 def binary_codes(num_experts):
-    """(E, m) 0/1 matrix: row i is the m-bit binary code of i, most significant bit first; m = ⌈log2 E⌉."""
-    m = max(1, math.ceil(math.log2(num_experts)))
+    """(E, m) 0/1 matrix: row i is the m-bit binary code of i, most significant bit first; m = ⌈log2 E⌉.
+
+    One expert needs no bits (m = 0): its selector is the empty product, 1."""
+    m = math.ceil(math.log2(num_experts))
     return (np.arange(num_experts)[:, None] >> np.arange(m - 1, -1, -1)) & 1
 
 
@@ -143,11 +149,11 @@ def dselect_selector(z: Tensor, num_experts, gamma=1.0) -> Tensor:
     """
     codes = binary_codes(num_experts).astype(z.dtype)  # (E, m)
     s = smooth_step(z, gamma)  # (..., m)
-    r = None
+    r = Tensor(z.xp.ones(z.shape[:-1] + (num_experts,), dtype=z.dtype))  # m = 0: the empty product
     for j in range(codes.shape[1]):
         sj = s[..., j : j + 1]  # (..., 1)
         factor = sj * codes[:, j] + (1.0 - sj) * (1.0 - codes[:, j])  # (..., E)
-        r = factor if r is None else r * factor
+        r = factor if j == 0 else r * factor
     return r
 
 

@@ -110,7 +110,11 @@ class MoETransformer(Module):
         if self.config.task_embedding:
             x = x + self.task_emb(np.asarray(task_ids)).reshape(B, 1, -1)
         for block in self.blocks:
-            kwargs = {"task_ids": task_ids} if isinstance(block.ffn, MoE) else {}
+            kwargs = {}
+            if isinstance(block.ffn, MoE):
+                kwargs["task_ids"] = task_ids
+                if block.ffn.gate_name == "hash":  # hash layers route each position by its token id
+                    kwargs["token_ids"] = tokens.reshape(-1)
             x = block(x, padding_mask=padding_mask, **kwargs)
         x = self.ln_f(x)
         if self.config.head == "shared":

@@ -185,7 +185,7 @@ class MoE(Module):
 
     def _token_task_ids(self, task_ids, lead):
         """Task id per token (N,), from (N,) or (B,) ids; validated when the router needs them."""
-        needs = self.gate is not None and self.gate.needs_tasks or (self.gate is None and self.num_tasks)
+        needs = self.gate is not None and self.gate.needs_tasks  # (a hash layer checks its ids in _route)
         if task_ids is None:
             if needs:
                 raise ValueError(f"MoE: router={self.router!r} needs task_ids of shape {lead[:1]}")
