@@ -141,4 +141,7 @@ class MoETransformer(Module):
         ids = {t.add_task(description) for t in tables}
         for m in self.moe_layers:
             m.num_tasks = max(ids) + 1
+        # keep the config in step, so a saved model is rebuilt with the added task
+        self.config.task_descriptions = [*self.config.task_descriptions, [int(p) for p in description]]
+        self.config.num_tasks = max(ids) + 1
         return ids.pop()
