@@ -1,0 +1,200 @@
+"""A run: build the data and the model from a RunConfig, train into a run folder, reload it, inspect its routing.
+
+A run folder holds
+    config.json              the full, validated RunConfig (re-runnable: tinymoe train --config config.json)
+    metrics.jsonl            one JSON record per eval: losses, lr, aux losses, per-layer expert load, drops, val
+    checkpoint.safetensors   weights + optimizer state + training state (tinymoe.checkpoint)
+    results.json             per-task test metrics of the final (best-on-val) model
+    routes.png               task x expert routing heatmaps and per-layer expert load (when matplotlib is there)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from datetime import datetime
+
+import numpy as np
+
+from . import backends, data as D
+from .config import ConfigError, RunConfig, model_config, run_config_from_dict
+from .tensor import no_grad
+
+
+def _seed(own, run_seed):
+    """A section's seed: its own when set (non-zero), else the run's."""
+    return own or run_seed
+
+
+def build_data(cfg: RunConfig) -> dict:
+    """{"train", "val", "test"} splits of the configured dataset (deterministic in the seeds)."""
+    d, seed = cfg.data, _seed(cfg.data.seed, cfg.seed)
+    if d.kind == "sequence":
+        ds = D.sequence_tasks(d.tasks, d.n_per_task, d.seq_len, d.vocab_size, seed=seed)
+    elif d.kind == "mmoe":
+        ds = D.mmoe_synthetic(d.n, d.rho, d=d.d, seed=seed)
+    elif d.kind == "clustered":
+        ds = D.clustered_synthetic(d.n, d.num_tasks, d.num_clusters, rho=d.rho, d=d.d, seed=seed)
+    elif d.kind == "digits":
+        ds = D.multi_digits(d.mode, n=d.n, seed=seed)
+    else:
+        ds = D.load_table(d.path, d.target_columns, task_type=d.task_type)
+    return D.train_val_test_split(ds, tuple(d.split), seed=seed)
+
+
+def build_model(cfg: RunConfig, train):
+    """A MoETransformer for sequence data; a MultiGateMoE (or shared-bottom) for tabular data."""
+    if cfg.sequence:
+        mc = model_config(cfg, train.num_tasks, train.vocab_size, train.seq_len)
+        from .model import MoETransformer
+
+        return MoETransformer(mc)
+    mc = model_config(cfg, train.num_tasks)
+    out_dim = train.num_classes if train.task_type == "classification" else 1
+    if mc.family == "shared_bottom":
+        from .experiments.common import SharedBottom
+
+        return SharedBottom(train.num_features, mc.d_expert, train.num_tasks, mc.seed, d_hidden=mc.d_hidden,
+                            tower_hidden=mc.tower_hidden, out_dim=out_dim)
+    if mc.family != "multigate":
+        raise ConfigError(f"model.family must be 'multigate' or 'shared_bottom', got {mc.family!r}")
+    from .nn import MultiGateMoE
+
+    return MultiGateMoE(train.num_features, mc.d_expert, mc.num_experts, train.num_tasks, gate=mc.gate, k=mc.k,
+                        per_example=mc.per_example, seed=mc.seed, d_hidden=mc.d_hidden, tower_hidden=mc.tower_hidden,
+                        out_dim=out_dim, gamma=mc.gamma, aux_weights=mc.aux_weights or None)
+
+
+@contextlib.contextmanager
+def run_backend(name):
+    """`auto`: numba when it is installed, else the NumPy reference. Yields the backend's name."""
+    if name == "auto":
+        name = "numba" if "numba" in backends.available() else "numpy"
+    with backends.use_backend(name):
+        yield name
+
+
+def new_run_dir(cfg: RunConfig) -> str:
+    base = os.path.join(cfg.out, f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    path, i = base, 1
+    while os.path.exists(path):
+        path, i = f"{base}-{i}", i + 1
+    os.makedirs(path)
+    return path
+
+
+def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False) -> dict:
+    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "seconds", "plot"}."""
+    from .train import evaluate, fit
+
+    run_dir = run_dir or new_run_dir(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    splits = build_data(cfg)
+    model = build_model(cfg, splits["train"])
+    optim = cfg.optim if cfg.optim.seed else type(cfg.optim)(**{**cfg.optim.__dict__, "seed": cfg.seed})
+    with run_backend(cfg.backend) as backend:
+        log(f"run {run_dir}: {type(model).__name__}, {model.num_parameters():,} parameters, backend {backend}, "
+            f"{len(splits['train'])} training examples, {splits['train'].num_tasks} tasks")
+        history = fit(model, splits["train"], splits["val"], optim, run_dir=run_dir, resume=resume, log=log,
+                      progress=progress)
+        test = evaluate(model, splits["test"])
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump({"test": test, "backend": backend, "steps": history[-1]["step"] if history else 0}, f, indent=2)
+    plot = None
+    with contextlib.suppress(ImportError):
+        plot = plot_routes(model, splits["test"], os.path.join(run_dir, "routes.png"))
+    return {"dir": run_dir, "test": test, "backend": backend, "plot": plot, "model": model}
+
+
+def load_run(run_dir):
+    """(RunConfig, model with the checkpoint's weights, splits) of a finished run folder."""
+    from .checkpoint import load
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder `tinymoe train` printed")
+    with open(path) as f:
+        cfg = run_config_from_dict(json.load(f))
+    model = load(os.path.join(run_dir, "checkpoint.safetensors"))
+    return cfg, model, build_data(cfg)
+
+
+# ---- routing inspection ----------------------------------------------------------------------------------------------
+
+
+def routing_tables(model, data, batch_size=512) -> dict:
+    """What the model routes where on `data`, in eval mode.
+
+    Returns {"tasks": names, "layers": [per layer (num_tasks, E) share of each task's assignments per expert],
+    "expert_load": [per layer (E,) share of all assignments]}. For a MultiGateMoE the one "layer" is each task's
+    mean gate weight per expert.
+    """
+    model.eval()
+    names = list(data.task_names)
+    if not hasattr(model, "moe_layers"):  # MultiGateMoE: every example is scored on every task
+        with no_grad():
+            model(data.x[:batch_size * 4])
+        weights = getattr(model, "last_weights", None)
+        if not weights:
+            raise ValueError(f"{type(model).__name__} has no routing to show")
+        table = np.stack([w.mean(axis=0) for w in weights])  # (num_tasks, E)
+        return {"tasks": names, "layers": [table], "expert_load": [table.mean(axis=0)]}
+    layers = model.moe_layers
+    counts = [np.zeros((len(names), m.num_experts)) for m in layers]
+    with no_grad():
+        for start in range(0, len(data), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(data)))
+            model(data.tokens[idx], task_ids=data.task_ids[idx])
+            for c, m in zip(counts, layers):
+                c += m.last_routing.task_expert_load(len(names))
+    shares = [c / np.maximum(c.sum(axis=1, keepdims=True), 1) for c in counts]
+    loads = [c.sum(axis=0) / max(c.sum(), 1) for c in counts]
+    return {"tasks": names, "layers": shares, "expert_load": loads}
+
+
+def format_routing(tables) -> str:
+    """The routing tables as text (the same numbers the plot shows)."""
+    lines = []
+    for i, (share, load) in enumerate(zip(tables["layers"], tables["expert_load"])):
+        E = share.shape[1]
+        lines.append(f"MoE layer {i}: share of each task's assignments per expert")
+        lines.append(f"{'task':>16} " + " ".join(f"e{e:<4}" for e in range(E)))
+        for name, row in zip(tables["tasks"], share):
+            lines.append(f"{name[:16]:>16} " + " ".join(f"{v:5.2f}" for v in row))
+        lines.append(f"{'all (load f_i)':>16} " + " ".join(f"{v:5.2f}" for v in load))
+    return "\n".join(lines)
+
+
+def plot_routes(model, data, path) -> str:
+    """Task x expert heatmap per MoE layer plus per-layer expert load, to a PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = routing_tables(model, data)
+    n = len(tables["layers"])
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1) + 1, 0.35 * len(tables["tasks"]) + 2.2), squeeze=False)
+    for i, share in enumerate(tables["layers"]):
+        ax = axes[0, i]
+        im = ax.imshow(share, vmin=0, vmax=max(float(share.max()), 1e-9), cmap="viridis", aspect="auto")
+        ax.set_title(f"MoE layer {i}: task x expert")
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(tables["tasks"])))
+        ax.set_yticklabels(tables["tasks"], fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[0, n]
+    E = len(tables["expert_load"][0])
+    width = 0.8 / n
+    for i, load in enumerate(tables["expert_load"]):
+        ax.bar(np.arange(E) + (i - (n - 1) / 2) * width, load, width, label=f"layer {i}")
+    ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
+    ax.set_title("expert load f_i per layer")
+    ax.set_xlabel("expert")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

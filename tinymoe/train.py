@@ -1,0 +1,394 @@
+"""The training loop: `fit` a model on a multi-task dataset, `evaluate` it per task.
+
+    optim = OptimConfig(optimizer="adamw", lr=3e-3, steps=1000, batch_size=64, eval_every=100, patience=5)
+    history = fit(model, data["train"], data["val"], optim)      # early stopping on the validation metric
+    evaluate(model, data["test"])     # {"per_task": {name: metric}, "mean": ..., "metric": "accuracy" | "mse", ...}
+
+Two kinds of data and models (tinymoe.data):
+* `SequenceTasks` + `MoETransformer`: each example is one task's sequence; the loss is per-position cross-entropy,
+  the metric per-position accuracy (also the share of sequences entirely right, "exact").
+* `TabularTasks` + a multi-task model returning one output per task (`MultiGateMoE`, `SharedBottom`): every
+  example is scored on every task; the loss is the mean over tasks of MSE (regression) or cross-entropy
+  (classification), the metric per-task MSE or accuracy.
+
+The training loss is the task loss plus the model's weighted auxiliary losses (`model.aux_loss()`: load balance,
+z-loss, DSelect-k entropy, ...). Batches are drawn epoch by epoch from a seeded permutation; the optimizer, the
+schedule and the batch order all come from `OptimConfig`, so the same seed gives the same run. `fit` can write a
+checkpoint every `checkpoint_every` steps and resume from one exactly (same losses as an uninterrupted run).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import functional as F
+from . import optim as O
+from .data import SequenceTasks, TabularTasks
+from .tensor import Tensor, no_grad
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # sgd (with momentum) | adam | adamw
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled decay (ignored by sgd/adam)
+    momentum: float = 0.9  # sgd only
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64
+    warmup_steps: int = 50  # linear warmup, then the schedule
+    schedule: str = "cosine"  # cosine (down to min_lr_ratio · lr) | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0  # global-norm clipping; None = off
+    eval_every: int = 100  # steps between validation evals (and log lines)
+    patience: int | None = None  # early stopping: stop after this many evals without improvement; None = off
+    checkpoint_every: int | None = None  # steps between checkpoints when fit() has a run_dir; None = at the end only
+    seed: int = 0  # batch order
+
+    def __post_init__(self):
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        for name in ("steps", "batch_size", "eval_every"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                   f"{name} must be an integer ≥ 1, got {getattr(self, name)!r}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        _check(self.patience is None or self.patience >= 1, f"patience must be ≥ 1 or None, got {self.patience}")
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 1,
+               f"checkpoint_every must be ≥ 1 or None, got {self.checkpoint_every}")
+
+    def lr_at(self, step) -> float:
+        """The learning rate of optimizer step `step` (0-based)."""
+        if self.schedule == "constant":
+            return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
+        return O.warmup_cosine(step, self.lr, self.warmup_steps, self.steps, self.min_lr_ratio * self.lr)
+
+
+def _check(condition, message):
+    if not condition:
+        raise ValueError(f"OptimConfig: {message}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says at which step and what to try."""
+
+
+def make_optimizer(model, cfg: OptimConfig) -> O.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return O.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return O.Adam(params, lr=cfg.lr)
+    return O.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ---- one batch: forward and loss ---------------------------------------------------------------------------------
+
+
+def _is_sequence(data):
+    if isinstance(data, SequenceTasks):
+        return True
+    if isinstance(data, TabularTasks):
+        return False
+    raise TypeError(f"expected a tinymoe.data SequenceTasks or TabularTasks, got {type(data).__name__}")
+
+
+def task_loss(model, data, idx):
+    """The task loss on examples `idx` (a scalar Tensor) and the model's outputs."""
+    if _is_sequence(data):
+        logits = model(data.tokens[idx], task_ids=data.task_ids[idx])  # (B, L, V)
+        return F.cross_entropy(logits, data.targets[idx]), logits
+    outputs = model(data.x[idx])  # list of num_tasks (B, out_dim)
+    if len(outputs) != data.num_tasks:
+        raise ValueError(f"the model returned {len(outputs)} outputs for {data.num_tasks} tasks")
+    losses = []
+    for t, out in enumerate(outputs):
+        y = data.y[idx, t]
+        if data.task_type == "regression":
+            losses.append(F.mse_loss(out.reshape(-1), Tensor(y.astype(out.dtype))))
+        else:
+            losses.append(F.cross_entropy(out, y))
+    return sum(losses[1:], losses[0]) * (1.0 / len(losses)), outputs
+
+
+def _aux_loss(model):
+    aux = getattr(model, "aux_loss", None)
+    return aux() if aux is not None else 0.0
+
+
+def _aux_values(model) -> dict:
+    return {name: float(v.item() if isinstance(v, Tensor) else v) for name, v in getattr(model, "aux_losses", {}).items()}
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+
+
+def evaluate(model, data, batch_size=512) -> dict:
+    """Per-task test metrics in eval mode (no dropout, no routing noise).
+
+    Returns {"metric": "accuracy" | "mse", "higher_is_better": bool, "per_task": {task name: value},
+    "mean": mean over tasks, "loss": mean task loss} (+ "exact": {task: share of sequences all right}).
+    """
+    was_training = model.training
+    model.eval()
+    sequence = _is_sequence(data)
+    T, n = data.num_tasks, len(data)
+    sums = np.zeros(T)  # per task: correct positions, or squared error / correct examples
+    counts = np.zeros(T)
+    exact = np.zeros(T)
+    loss_sum = 0.0
+    try:
+        with no_grad():
+            for start in range(0, n, batch_size):
+                idx = np.arange(start, min(start + batch_size, n))
+                loss, out = task_loss(model, data, idx)
+                loss_sum += loss.item() * len(idx)
+                if sequence:
+                    right = out.numpy().argmax(axis=-1) == data.targets[idx]  # (B, L)
+                    tasks = data.task_ids[idx]
+                    np.add.at(sums, tasks, right.sum(axis=1))
+                    np.add.at(counts, tasks, right.shape[1])
+                    np.add.at(exact, tasks, right.all(axis=1))
+                else:
+                    for t, o in enumerate(out):
+                        y = data.y[idx, t]
+                        if data.task_type == "regression":
+                            sums[t] += float(((o.numpy().reshape(-1) - y) ** 2).sum())
+                        else:
+                            sums[t] += float((o.numpy().argmax(axis=-1) == y).sum())
+                        counts[t] += len(idx)
+    finally:
+        model.train(was_training)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_task = sums / counts  # NaN for a task with no examples here
+    present = counts > 0
+    metric = "accuracy" if sequence or data.task_type == "classification" else "mse"
+    result = {"metric": metric, "higher_is_better": metric == "accuracy",
+              "per_task": {name: float(v) for name, v, p in zip(data.task_names, per_task, present) if p},
+              "mean": float(per_task[present].mean()) if present.any() else float("nan"),
+              "loss": loss_sum / max(n, 1)}
+    if sequence:
+        result["exact"] = {name: float(e / (c / data.seq_len)) for name, e, c, p in
+                           zip(data.task_names, exact, counts, present) if p}
+    return result
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer moments that an exact resume needs."""
+
+    step: int = 0
+    batch_rng: dict | None = None  # the batch-order Generator's bit_generator.state
+    epoch_order: list | None = None  # the current epoch's permutation and position in it
+    epoch_pos: int = 0
+    best: float | None = None  # best validation mean so far
+    evals_since_best: int = 0
+    module_rngs: dict | None = None  # dropout / noisy-gate Generators inside the model
+
+
+def module_rngs(model) -> dict:
+    """Every np.random.Generator held by a module (dropout, noisy top-k), keyed by its path."""
+    out = {}
+    for path, module in _named_modules(model):
+        for name, value in vars(module).items():
+            if isinstance(value, np.random.Generator):
+                out[f"{path}{name}"] = value
+    return out
+
+
+def _named_modules(module, prefix=""):
+    yield prefix, module
+    for name, child in module.named_children():
+        yield from _named_modules(child, f"{prefix}{name}.")
+
+
+class _Batches:
+    """Epochs of a seeded permutation, cut into batches (the last partial batch of an epoch is kept)."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size = n, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order, self.pos = self.rng.permutation(n), 0
+
+    def next(self):
+        if self.pos >= self.n:
+            self.order, self.pos = self.rng.permutation(self.n), 0
+        idx = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += len(idx)
+        return idx
+
+
+def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, run_dir=None, resume=False,
+        log=None, progress=False) -> list[dict]:
+    """Train `model` on `train`; evaluate on `val` every `eval_every` steps; returns the list of logged records.
+
+    With `val`, the best weights by the validation mean (accuracy up, MSE down) are restored at the end, and
+    `patience` stops early. With `run_dir`, every record goes to run_dir/metrics.jsonl and a checkpoint
+    (run_dir/checkpoint.safetensors) is written every `checkpoint_every` steps and at the end; `resume=True`
+    continues from that checkpoint exactly. `seed` overrides optim.seed. `log(str)` receives one line per eval.
+    """
+    optim = optim or OptimConfig()
+    if seed is not None:
+        optim = OptimConfig(**{**asdict(optim), "seed": seed})
+    if len(train) == 0:
+        raise ValueError("fit: the training set is empty")
+    opt = make_optimizer(model, optim)
+    batches = _Batches(len(train), optim.batch_size, optim.seed)
+    state = TrainState()
+    best_weights = None
+    history: list[dict] = []
+    ckpt_path = os.path.join(run_dir, "checkpoint.safetensors") if run_dir else None
+    if resume:
+        state, best_weights = _restore(ckpt_path, model, opt, batches)
+    if run_dir:
+        os.makedirs(run_dir, exist_ok=True)
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if run_dir else None
+    bar = _progress(optim.steps, state.step, progress)
+    model.train()
+    started, loss_sum, loss_count = time.perf_counter(), 0.0, 0
+    try:
+        while state.step < optim.steps:
+            step = state.step
+            opt.lr = optim.lr_at(step)
+            idx = batches.next()
+            loss, _ = task_loss(model, train, idx)
+            aux = _aux_loss(model)
+            total = loss + aux
+            value = total.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"fit: the loss is {value} at step {step} (lr {opt.lr:.3g}); lower the lr, "
+                                       f"keep grad_clip on, or check the data for NaNs")
+            opt.zero_grad()
+            total.backward()
+            grad_norm = O.clip_grad_norm(model.parameters(), optim.grad_clip) if optim.grad_clip else None
+            opt.step()
+            state.step += 1
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+
+            last = state.step == optim.steps
+            if state.step % optim.eval_every == 0 or last:
+                record = {"step": state.step, "lr": opt.lr, "train_loss": loss_sum / loss_count,
+                          "aux": _aux_values(model), "seconds": round(time.perf_counter() - started, 3)}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                record.update(_routing_record(model))
+                loss_sum, loss_count = 0.0, 0
+                stop = False
+                if val is not None:
+                    result = evaluate(model, val)
+                    record["val"] = {"loss": result["loss"], "mean": result["mean"], "per_task": result["per_task"]}
+                    better = state.best is None or (result["mean"] > state.best if result["higher_is_better"]
+                                                    else result["mean"] < state.best)
+                    if better:
+                        state.best, state.evals_since_best = result["mean"], 0
+                        best_weights = model.state_dict()
+                    else:
+                        state.evals_since_best += 1
+                        stop = optim.patience is not None and state.evals_since_best >= optim.patience
+                    record["early_stop"] = stop
+                history.append(record)
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if log:
+                    log(_format_record(record))
+                if ckpt_path and (stop or last or (optim.checkpoint_every and state.step % optim.checkpoint_every == 0)):
+                    _save(ckpt_path, model, opt, batches, state, best_weights)
+                if stop:
+                    break
+            elif ckpt_path and optim.checkpoint_every and state.step % optim.checkpoint_every == 0:
+                _save(ckpt_path, model, opt, batches, state, best_weights)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file:
+            metrics_file.close()
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    model.eval()
+    return history
+
+
+def _routing_record(model) -> dict:
+    """Per MoE layer: the expert load f_i and the assignments dropped by capacity in the last batch."""
+    layers = getattr(model, "moe_layers", None) or []
+    stats = [m.last_routing for m in layers if m.last_routing is not None]
+    if not stats:
+        return {}
+    return {"expert_load": [np.round(s.expert_load(), 4).tolist() for s in stats],
+            "dropped": [int(s.dropped.sum()) for s in stats]}
+
+
+def _format_record(r) -> str:
+    line = f"step {r['step']:>6}  loss {r['train_loss']:.4f}  lr {r['lr']:.2e}"
+    if r.get("aux"):
+        line += "  aux " + " ".join(f"{k} {v:.3g}" for k, v in r["aux"].items())
+    if "val" in r:
+        v = r["val"]
+        line += f"  val mean {v['mean']:.4f}  " + " ".join(f"{k} {x:.3f}" for k, x in v["per_task"].items())
+    return line
+
+
+def _progress(total, initial, enabled):
+    """A tqdm bar when asked for and stderr is a terminal (quiet in logs and CI); None otherwise."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    import sys
+
+    return tqdm(total=total, initial=initial, disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
+
+
+# ---- checkpoint / resume ------------------------------------------------------------------------------------------
+
+
+def _save(path, model, opt, batches, state: TrainState, best_weights):
+    from .checkpoint import save
+
+    state.batch_rng = batches.rng.bit_generator.state
+    state.epoch_order, state.epoch_pos = batches.order.tolist(), batches.pos
+    state.module_rngs = {name: g.bit_generator.state for name, g in module_rngs(model).items()}
+    train_state = asdict(state)
+    train_state["has_best"] = best_weights is not None
+    extra = {f"best.{k}": v for k, v in (best_weights or {}).items()}
+    save(path, model, optimizer=opt, train_state=train_state, extra_tensors=extra)
+
+
+def _restore(path, model, opt, batches):
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    if path is None or not os.path.exists(path):
+        raise CheckpointError(f"fit(resume=True): no checkpoint at {path}; train without resume first")
+    ckpt = load_checkpoint(path, model=model)
+    if ckpt.optimizer_state:
+        opt.load_state_dict(ckpt.optimizer_state)
+    raw = dict(ckpt.train_state)
+    has_best = raw.pop("has_best", False)
+    state = TrainState(**raw)
+    batches.rng.bit_generator.state = state.batch_rng
+    batches.order, batches.pos = np.asarray(state.epoch_order, dtype=np.int64), state.epoch_pos
+    for name, g in module_rngs(model).items():
+        if state.module_rngs and name in state.module_rngs:
+            g.bit_generator.state = state.module_rngs[name]
+    best = None
+    if has_best:
+        best = {k[len("best."):]: v for k, v in ckpt.extra_tensors.items() if k.startswith("best.")}
+    return state, best
