@@ -1,0 +1,48 @@
+"""The experiments of REFERENCE.md §4, one small module each, and the `tinymoe experiment` command.
+
+    tinymoe experiment e1 --preset small --seeds 3 --out runs/e1
+    python -m tinymoe.experiments e2 --preset tiny
+
+| name | module        | question                                                                  |
+|------|---------------|---------------------------------------------------------------------------|
+| e1   | e1_gates      | gates on synthetic MTL (Hazimeh et al. 2021): MSE, cluster recovery (ARI)  |
+| e2   | e2_transfer   | low-resource transfer (Gupta et al. 2022, claim i)                        |
+| e3   | e3_unseen     | few-shot unseen tasks via description-composed routing (claim ii)         |
+| e4   | e4_unrelated  | adding unrelated tasks (claim iii)                                        |
+
+Each writes results.md (mean ± std over seeds) and a PNG into its run folder (--out, default
+runs/experiments/<name>-<time>). `--preset tiny` runs in seconds (tests); `--preset small` in minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated"}
+
+
+def get(name):
+    """The module of experiment `name` ('e1' or 'e1_gates', ...)."""
+    key = name.lower()
+    for short, module in EXPERIMENTS.items():
+        if key in (short, module):
+            return importlib.import_module(f"{__name__}.{module}")
+    raise ValueError(f"unknown experiment {name!r}; choose one of {list(EXPERIMENTS)} (or {list(EXPERIMENTS.values())})")
+
+
+def run(name, preset="small", seeds=None, out=None, log=print) -> dict:
+    return get(name).run(preset=preset, seeds=seeds, out=out, log=log)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tinymoe experiment", description="Run one of the experiments of REFERENCE.md §4.")
+    p.add_argument("name", choices=[*EXPERIMENTS, *EXPERIMENTS.values()], help="which experiment")
+    p.add_argument("--preset", default="small", choices=["small", "tiny"], help="small: minutes; tiny: seconds")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+    p.add_argument("--out", default=None, help="run folder (default runs/experiments/<name>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
+    args = p.parse_args(argv)
+    result = run(args.name, args.preset, args.seeds, args.out, log=(lambda *a: None) if args.quiet else print)
+    print(result["table"])
+    print(f"\nwrote {result['dir']}/results.md ({result['seconds']:.0f} s)")
+    return 0
