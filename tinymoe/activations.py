@@ -22,12 +22,12 @@ def relu_grad(x):
 
 def gelu(x):
     xp = array_module(x)
-    return 0.5 * x * (1 + xp.tanh(_GELU_C * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))  # x*x*x: NumPy's x**3 is ~100x slower
 
 
 def gelu_grad(x):
     xp = array_module(x)
-    t = xp.tanh(_GELU_C * (x + 0.044715 * x**3))
+    t = xp.tanh(_GELU_C * (x + 0.044715 * x * x * x))  # x*x*x: NumPy's x**3 is ~100x slower
     return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
 
 
