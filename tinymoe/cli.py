@@ -25,7 +25,7 @@ def _train(args) -> int:
     if result["plot"]:
         print(f"routing plot: {result['plot']}")
     else:
-        print("routing plot: skipped (matplotlib is not installed: pip install 'tinymoe[plot]')")
+        print("routing plot: none (the model has no MoE layer, or matplotlib is missing: pip install 'tinymoe[plot]')")
     print(f"next: tinymoe eval {result['dir']}   |   tinymoe routes {result['dir']}")
     return 0
 
@@ -49,9 +49,12 @@ def _eval(args) -> int:
 
 
 def _routes(args) -> int:
-    from .runs import format_routing, load_run, plot_routes, routing_tables, run_backend
+    from .runs import format_routing, has_routing, load_run, plot_routes, routing_tables, run_backend
 
     cfg, model, splits = load_run(args.run_dir)
+    if not has_routing(model):
+        print(f"{args.run_dir}: the model ({type(model).__name__}) has no MoE layer, so there is no routing to show")
+        return 0
     with run_backend(cfg.backend):
         print(format_routing(routing_tables(model, splits["test"])))
         out = args.out or os.path.join(args.run_dir, "routes.png")

@@ -71,6 +71,20 @@ class DataConfig:
             raise ConfigError("data.kind = 'table' needs data.path (a .csv or .npz file)")
         if self.kind == "sequence" and not self.tasks:
             raise ConfigError("data.tasks is empty; list at least one task, e.g. ['copy', 'reverse']")
+        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(f"data.split must be 3 non-negative fractions (train, val, test) summing to 1, "
+                              f"got {self.split}")
+        for name in ("n_per_task", "seq_len", "vocab_size", "n", "d", "num_tasks", "num_clusters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.kind == "sequence":
+            from .data import make_task
+
+            for task in self.tasks:
+                try:
+                    make_task(task, self.seq_len, self.vocab_size)
+                except (ValueError, TypeError) as e:
+                    raise ConfigError(f"data.tasks: {e}") from None
 
 
 @dataclass
@@ -203,11 +217,11 @@ def model_config(cfg: RunConfig, num_tasks, vocab_size=None, seq_len=None):
         fixed = sorted(_FROM_DATA & set(values))
         if fixed:
             raise ConfigError(f"model.{fixed[0]} is set from the data; remove it from [model]")
-        values.setdefault("seed", cfg.seed)
+        values["seed"] = values.get("seed") or cfg.seed  # like data and optim: its own when non-zero
         values.update(vocab_size=vocab_size or cfg.data.vocab_size, max_seq_len=seq_len or cfg.data.seq_len,
                       num_tasks=num_tasks)
         return from_dict(ModelConfig, values, "model")
-    values.setdefault("seed", cfg.seed)
+    values["seed"] = values.get("seed") or cfg.seed
     return from_dict(MultiGateConfig, values, "model")
 
 

@@ -28,6 +28,15 @@ def _seed(own, run_seed):
 
 def build_data(cfg: RunConfig) -> dict:
     """{"train", "val", "test"} splits of the configured dataset (deterministic in the seeds)."""
+    try:
+        return _build_data(cfg)
+    except (ValueError, TypeError, OSError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"[data] {e}") from None
+
+
+def _build_data(cfg: RunConfig) -> dict:
     d, seed = cfg.data, _seed(cfg.data.seed, cfg.seed)
     if d.kind == "sequence":
         ds = D.sequence_tasks(d.tasks, d.n_per_task, d.seq_len, d.vocab_size, seed=seed)
@@ -103,22 +112,32 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump({"test": test, "backend": backend, "steps": history[-1]["step"] if history else 0}, f, indent=2)
     plot = None
-    with contextlib.suppress(ImportError):
-        plot = plot_routes(model, splits["test"], os.path.join(run_dir, "routes.png"))
+    if has_routing(model):
+        with contextlib.suppress(ImportError):
+            plot = plot_routes(model, splits["test"], os.path.join(run_dir, "routes.png"))
     return {"dir": run_dir, "test": test, "backend": backend, "plot": plot, "model": model}
 
 
 def load_run(run_dir):
     """(RunConfig, model with the checkpoint's weights, splits) of a finished run folder."""
-    from .checkpoint import load
+    from .checkpoint import load_checkpoint
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder `tinymoe train` printed")
     with open(path) as f:
         cfg = run_config_from_dict(json.load(f))
-    model = load(os.path.join(run_dir, "checkpoint.safetensors"))
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.safetensors"))
+    model = ckpt.model  # the last weights (the resume point) ...
+    if ckpt.train_state.get("has_best"):  # ... but the run's result is the best-on-validation model
+        model.load_state_dict({k[len("best."):]: v for k, v in ckpt.extra_tensors.items() if k.startswith("best.")})
+    model.eval()
     return cfg, model, build_data(cfg)
+
+
+def has_routing(model) -> bool:
+    """Whether the model routes at all (a dense transformer or shared-bottom has nothing to show)."""
+    return bool(getattr(model, "moe_layers", None)) or hasattr(model, "last_weights")
 
 
 # ---- routing inspection ----------------------------------------------------------------------------------------------
@@ -131,6 +150,8 @@ def routing_tables(model, data, batch_size=512) -> dict:
     "expert_load": [per layer (E,) share of all assignments]}. For a MultiGateMoE the one "layer" is each task's
     mean gate weight per expert.
     """
+    if not has_routing(model):
+        raise ValueError(f"{type(model).__name__} has no MoE layer: there is no routing to show")
     model.eval()
     names = list(data.task_names)
     if not hasattr(model, "moe_layers"):  # MultiGateMoE: every example is scored on every task

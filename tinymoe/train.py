@@ -196,6 +196,8 @@ class TrainState:
     best: float | None = None  # best validation mean so far
     evals_since_best: int = 0
     module_rngs: dict | None = None  # dropout / noisy-gate Generators inside the model
+    loss_sum: float = 0.0  # the running train loss of the current eval window
+    loss_count: int = 0
 
 
 def module_rngs(model) -> dict:
@@ -254,10 +256,11 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
         state, best_weights = _restore(ckpt_path, model, opt, batches)
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
+        _drop_records_after(os.path.join(run_dir, "metrics.jsonl"), state.step if resume else 0)
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if run_dir else None
     bar = _progress(optim.steps, state.step, progress)
     model.train()
-    started, loss_sum, loss_count = time.perf_counter(), 0.0, 0
+    started = time.perf_counter()
     try:
         while state.step < optim.steps:
             step = state.step
@@ -275,19 +278,19 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
             grad_norm = O.clip_grad_norm(model.parameters(), optim.grad_clip) if optim.grad_clip else None
             opt.step()
             state.step += 1
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
 
             last = state.step == optim.steps
             if state.step % optim.eval_every == 0 or last:
-                record = {"step": state.step, "lr": opt.lr, "train_loss": loss_sum / loss_count,
+                record = {"step": state.step, "lr": opt.lr, "train_loss": state.loss_sum / state.loss_count,
                           "aux": _aux_values(model), "seconds": round(time.perf_counter() - started, 3)}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 record.update(_routing_record(model))
-                loss_sum, loss_count = 0.0, 0
+                state.loss_sum, state.loss_count = 0.0, 0
                 stop = False
                 if val is not None:
                     result = evaluate(model, val)
@@ -322,6 +325,17 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
         model.load_state_dict(best_weights)
     model.eval()
     return history
+
+
+def _drop_records_after(path, step):
+    """Keep only the metrics records up to `step` (all of them gone for a fresh run; a resumed run re-logs the
+    steps after its checkpoint, so the file reads as if the run had never been interrupted)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def _routing_record(model) -> dict:
