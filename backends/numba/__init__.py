@@ -1,0 +1,235 @@
+"""Numba CPU backend of the MoE hot path: the 8 primitives of `tinymoe.dispatch`, same signatures and results.
+
+    import tinymoe as tm
+    tm.set_backend("numba")   # or TINYMOE_BACKEND=numba; loaded only when asked for (tinymoe never imports numba)
+
+Design (the one measured in /work/shared/design/PERF.md, "Designs known to get there"):
+1. route: counting sort — count per expert, prefix sum into offsets (E + 1,), stable scatter into order (R,) and
+   its inverse (T·k,) (-1 where dropped). Equal to the reference's stable argsort, in O(T·k).
+2. gather: prange over rows, xs[r] = x[order[r] // k]; its adjoint sums the k rows of each token (prange over
+   tokens, no atomics).
+3. expert FFN: per-expert BLAS GEMMs (SciPy's sgemm/dgemm through Numba's np.dot) on contiguous row slices
+   `buf[s:t]` of the expert-sorted buffers, bias + activation in a jitted loop; backward recomputes the activation
+   from the saved pre-activation h. Experts without rows get zero weight gradients. The activations (relu, gelu
+   (tanh form), silu, sigmoid, softplus) are computed in float64 with a vectorisable exp (see _ffn.py), which keeps
+   them a small part of the layer; tinymoe.activations' registry decides which names are accepted.
+4. combine: prange over tokens, y[t] = Σ_j w[t, j]·out[inverse[t·k + j]]; its adjoint computes dout and dweights
+   in one pass.
+No atomics and sums in a fixed order: the same input gives bitwise the same output. No fastmath.
+
+Thread choice for the expert GEMMs (P = numba.get_num_threads()): always `prange` over the P threads with BLAS
+pinned to one thread (threadpoolctl), never BLAS threads under or beside numba's pool. The work is cut into tiles:
+an expert's rows, where an expert with more than ⌈R / (TILES_PER_THREAD·P)⌉ rows (TILES_PER_THREAD = 2; never less
+than MIN_TILE_ROWS = 128) is cut into row tiles of that size; the tiles are packed onto the threads longest first
+(LPT). So many experts run in parallel, one per thread at a time, and a few large experts (E < 2P, or one expert
+holding most rows) are split across the threads instead of run in turn with multi-threaded BLAS — which PERF.md
+measured 1.3-2.6× slower than the dense layer, and which measured 1.5-14× slower than tiles here: OpenBLAS's
+workers busy-wait after each GEMM, stealing the cores from numba's OpenMP threads. An expert cut into several
+tiles gets its weight gradients as partial sums, added in a fixed order (deterministic for a given P).
+
+Compilation: kernels are compiled on first use (~15-30 s for all of them, both dtypes) and cached on disk (numba
+`cache=True`, in __pycache__ or NUMBA_CACHE_DIR; a warm start loads them in ~0.5 s). Set TINYMOE_NUMBA_CACHE=0 to
+turn the disk cache off (read-only installs: every process then compiles). `warmup()` compiles (or loads) every
+kernel for float32 and float64 on tiny inputs; call it before timing. Numba invalidates a cached kernel when the
+file that defines it changes, not when _jit.py's settings do: clear __pycache__ after editing _jit.py.
+
+Inputs may be non-contiguous or hold int32 ids: the wrappers below coerce them (np.ascontiguousarray / astype).
+Floats are computed in float32 or float64 (other float dtypes in float64, returned in their own dtype).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba's np.dot calls before threadpoolctl looks)
+from threadpoolctl import ThreadpoolController
+
+from ...activations import get_activation
+from . import _ffn, _routing
+from ._jit import cache_enabled
+
+__all__ = ["capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
+           "combine_backward", "warmup", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
+
+TILES_PER_THREAD = 2  # an expert with more than R / (this × threads) rows is cut into tiles of that many rows
+MIN_TILE_ROWS = 128  # ... but never into tiles smaller than this (GEMM efficiency); tests lower it
+_blas = ThreadpoolController()
+
+
+# ---------------------------------------------------------------------------------------------------- coercion
+def _ints(a):
+    """C-contiguous int64 copy-if-needed."""
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _work_dtype(dtype):
+    """float32 and float64 run as they are; anything else in float64."""
+    return np.dtype(dtype) if np.dtype(dtype) in (np.float32, np.float64) else np.dtype(np.float64)
+
+
+def _floats(a, dtype):
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _bools(a, shape):
+    """A C-contiguous bool mask of `shape`; all True when a is None."""
+    if a is None:
+        return np.ones(shape, dtype=np.bool_)
+    return np.ascontiguousarray(np.asarray(a, dtype=np.bool_).reshape(shape))
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+def capacity_keep(expert_idx, num_experts, capacity, priority_weights=None, keep=None):
+    """Which assignments fit: keep (T, k) bool, at most `capacity` kept per expert (see tinymoe.dispatch).
+
+    Served slot-major and in token order, or by descending `priority_weights` (T, k) (ties: slot-major order).
+    """
+    idx = _ints(expert_idx)
+    T, k = idx.shape
+    if priority_weights is None:
+        serve = np.arange(T * k, dtype=np.int64)
+    else:  # the reference's own stable sort: identical tie and NaN handling
+        serve = np.argsort(-np.asarray(priority_weights).T.reshape(-1), kind="stable").astype(np.int64)
+    return _routing.capacity_keep_kernel(idx, _bools(keep, (T, k)), serve, int(num_experts), int(capacity))
+
+
+def route(expert_idx, num_experts, keep=None):
+    """Counting sort of the kept assignments by expert -> order (R,), offsets (E + 1,), inverse (T·k,); int64."""
+    flat = _ints(expert_idx).reshape(-1)
+    return _routing.route_kernel(flat, _bools(keep, flat.shape), int(num_experts))
+
+
+# ---------------------------------------------------------------------------------------------------- dispatch
+# Outputs are allocated here with NumPy (huge pages for big arrays) and filled by the kernels: see _routing.py.
+def gather(x, order, k):
+    """xs[r] = x[order[r] // k]. (T, d) -> (R, d)"""
+    x, order = np.ascontiguousarray(x), _ints(order)
+    if x.dtype not in (np.float32, np.float64):
+        return x[order // k]  # other dtypes: plain NumPy indexing
+    xs = np.empty((order.shape[0], x.shape[1]), dtype=x.dtype)
+    _routing.gather_kernel(x, order, int(k), xs)
+    return xs
+
+
+def gather_backward(dxs, inverse, k, num_tokens):
+    """dx[t] = Σ_j dxs[inverse[t·k + j]] over kept assignments. (R, d) -> (T, d)"""
+    dtype = np.asarray(dxs).dtype
+    dxs = _floats(dxs, _work_dtype(dtype))
+    dx = np.empty((int(num_tokens), dxs.shape[1]), dtype=dxs.dtype)
+    _routing.gather_backward_kernel(dxs, _ints(inverse), int(k), dx)
+    return dx.astype(dtype, copy=False)
+
+
+def combine(out, weights, inverse):
+    """y[t] = Σ_j weights[t, j] · out[inverse[t·k + j]] over kept assignments. (R, d) -> (T, d)"""
+    dtype = np.asarray(out).dtype
+    work = _work_dtype(dtype)
+    out, weights = _floats(out, work), _floats(weights, work)
+    y = np.empty((weights.shape[0], out.shape[1]), dtype=work)
+    _routing.combine_kernel(out, weights, _ints(inverse), y)
+    return y.astype(dtype, copy=False)
+
+
+def combine_backward(dy, out, weights, inverse):
+    """Adjoint of combine -> dout (R, d) in out's dtype, dweights (T, k) in weights' dtype."""
+    out_dtype, w_dtype = np.asarray(out).dtype, np.asarray(weights).dtype
+    work = _work_dtype(out_dtype)
+    dy, out, weights, inverse = _floats(dy, work), _floats(out, work), _floats(weights, work), _ints(inverse)
+    claimed = np.count_nonzero(inverse >= 0) == out.shape[0]  # a plan from route: every row claimed once
+    dout = np.empty_like(out) if claimed else np.zeros_like(out)
+    dweights = np.zeros_like(weights)
+    _routing.combine_backward_kernel(dy, out, weights, inverse, dout, dweights)
+    return dout.astype(out_dtype, copy=False), dweights.astype(w_dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------- expert FFN
+def _plan(offsets):
+    """The thread rule of the module docstring -> tiles, bins, slot_start (see _ffn.plan_tiles)."""
+    threads = numba.get_num_threads()
+    rows = int(offsets[-1] - offsets[0])
+    tile_rows = rows if threads == 1 else max(-(-rows // (TILES_PER_THREAD * threads)), MIN_TILE_ROWS)
+    return _ffn.plan_tiles(offsets, threads, max(tile_rows, 1))
+
+
+def _act_code(activation):
+    get_activation(activation)  # the reference's registry decides which names exist (same ValueError)
+    return _ffn.ACT_CODES[activation]
+
+
+def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
+    """Each expert's FFN on its rows: out = act(xs·W1[e] + b1[e])·W2[e] + b2[e].
+
+    xs (R, d), offsets (E + 1,), w1 (E, d, f), b1 (E, f), w2 (E, f, d_out), b2 (E, d_out)
+    -> out (R, d_out) and the pre-activation h (R, f), both in xs's dtype.
+    """
+    code = _act_code(activation)
+    dtype = np.asarray(xs).dtype
+    work = _work_dtype(dtype)
+    xs, w1, b1, w2, b2 = (_floats(a, work) for a in (xs, w1, b1, w2, b2))
+    offsets = _ints(offsets)
+    R, f, d_out = xs.shape[0], w1.shape[2], w2.shape[2]
+    h = np.empty((R, f), dtype=work)
+    a = np.empty((R, f), dtype=work)  # act(h): scratch
+    out = np.empty((R, d_out), dtype=work)
+    tiles, bins, _ = _plan(offsets)
+    with _blas.limit(limits=1, user_api="blas"):  # BLAS threads inside prange would oversubscribe
+        _ffn.ffn_forward(xs, w1, b1, w2, b2, code, tiles, bins, h, a, out)
+    return out.astype(dtype, copy=False), h.astype(dtype, copy=False)
+
+
+def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
+    """Adjoint of expert_ffn -> dxs (R, d), dw1 (E, d, f), db1 (E, f), dw2 (E, f, d_out), db2 (E, d_out).
+
+    Weight gradients of experts with no rows are zero. dxs has xs's dtype, the weight gradients the weights'.
+    """
+    code = _act_code(activation)
+    x_dtype, w_dtype = np.asarray(xs).dtype, np.asarray(w1).dtype
+    work = _work_dtype(x_dtype)
+    dout, xs, h, w1, w2 = (_floats(a, work) for a in (dout, xs, h, w1, w2))
+    offsets = _ints(offsets)
+    E, d, f = w1.shape
+    d_out = w2.shape[2]
+    g = np.empty_like(h)  # scratch: act(h), then dh
+    dxs = np.empty_like(xs) if offsets[0] == 0 and offsets[-1] == xs.shape[0] else np.zeros_like(xs)
+    dw1, db1 = np.zeros((E, d, f), dtype=work), np.zeros((E, f), dtype=work)
+    dw2, db2 = np.zeros((E, f, d_out), dtype=work), np.zeros((E, d_out), dtype=work)
+    tiles, bins, slot_start = _plan(offsets)
+    n = int(slot_start[-1])  # partial weight gradients of experts cut into several tiles
+    sw1, sb1 = np.empty((n, d, f), dtype=work), np.empty((n, f), dtype=work)
+    sw2, sb2 = np.empty((n, f, d_out), dtype=work), np.empty((n, d_out), dtype=work)
+    with _blas.limit(limits=1, user_api="blas"):
+        _ffn.ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, dxs, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
+    if n:
+        _ffn.reduce_slots(slot_start, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
+    return (dxs.astype(x_dtype, copy=False), *(a.astype(w_dtype, copy=False) for a in (dw1, db1, dw2, db2)))
+
+
+# ---------------------------------------------------------------------------------------------------- warmup
+_warm = False
+
+
+def warmup():
+    """Compile (or load from the disk cache) every kernel for float32 and float64 on tiny inputs; runs once."""
+    global _warm, MIN_TILE_ROWS
+    if _warm:
+        return
+    rng = np.random.default_rng(0)
+    T, k, E, d, f = 4, 2, 2, 3, 5
+    expert_idx = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
+    order, offsets, inverse = route(expert_idx, E)
+    capacity_keep(expert_idx, E, 3)
+    capacity_keep(expert_idx, E, 3, np.ones((T, k)))
+    saved, MIN_TILE_ROWS = MIN_TILE_ROWS, 1  # cut experts into tiles: compiles the partial-gradient reduction too
+    try:
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal((T, d)).astype(dtype)
+            weights = rng.random((T, k)).astype(dtype)
+            w1, b1 = rng.standard_normal((E, d, f)).astype(dtype), np.zeros((E, f), dtype)
+            w2, b2 = rng.standard_normal((E, f, d)).astype(dtype), np.zeros((E, d), dtype)
+            xs = gather(x, order, k)
+            gather_backward(xs, inverse, k, T)
+            out, h = expert_ffn(xs, offsets, w1, b1, w2, b2)
+            expert_ffn_backward(out, xs, h, offsets, w1, w2)
+            combine_backward(combine(out, weights, inverse), out, weights, inverse)
+    finally:
+        MIN_TILE_ROWS = saved
+    _warm = True
