@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated"}
 
@@ -41,7 +42,13 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
     p.add_argument("--out", default=None, help="run folder (default runs/experiments/<name>-<time>)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.add_argument("--backend", help="numpy | numba (default: TINYMOE_BACKEND, else numba when installed)")
     args = p.parse_args(argv)
+    if args.backend:
+        from .. import backends
+
+        backends.load(args.backend)  # fails here, with the reason, if it cannot run
+        os.environ["TINYMOE_BACKEND"] = args.backend
     result = run(args.name, args.preset, args.seeds, args.out, log=(lambda *a: None) if args.quiet else print)
     print(result["table"])
     print(f"\nwrote {result['dir']}/results.md ({result['seconds']:.0f} s)")
