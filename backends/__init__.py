@@ -87,6 +87,15 @@ def backend_module():
     return load(get_backend())
 
 
+def session():
+    """The current backend's context for a whole training run (`fit` enters it), or a no-op when it has none.
+
+    The numba backend pins NumPy's BLAS to one thread here, so OpenBLAS's busy-waiting workers do not take the
+    cores from its parallel expert kernels."""
+    enter = getattr(backend_module(), "session", None)
+    return enter() if enter is not None else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def use_backend(name):
     """Temporarily switch backend: `with tm.use_backend("numpy"): ...`."""

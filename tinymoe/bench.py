@@ -628,6 +628,8 @@ def build_parser():
                         help="time an idiomatic PyTorch MoE layer too (default: when torch imports)")
     parser.add_argument("--layer", action=argparse.BooleanOptionalAction, default=False,
                         help="also time the whole tm.nn.MoE layer against tm.nn.FeedForward")
+    parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time whole MoETransformer training steps per backend (tinymoe.bench_train)")
     return parser
 
 
@@ -672,6 +674,12 @@ def main(argv=None) -> int:
     report = format_table(rows, skipped) + ("\n" + targets_summary(rows) if rows else "")
     to_stdout = args.json == "-"
     print(report, file=sys.stderr if to_stdout else sys.stdout, flush=True)
+    if args.train and modules:
+        from . import bench_train
+
+        names = ["numpy", *[n for n in modules if n != "numpy"]]
+        log = (lambda *a: print(*a, file=sys.stderr if to_stdout else sys.stdout, flush=True))
+        rows += [{"kind": "train", **r} for r in bench_train.run(names, log=log)]
     if args.json:
         records = rows + [dict(backend=name, skipped=why, machine=machine) for name, why in skipped.items()]
         text = json.dumps(records, indent=1, default=float)

@@ -529,9 +529,25 @@ def _check_index(index):
 def _scatter_add(target, index, values):
     """target[index] += values, summing repeated indices (np.add.at; cupyx.scatter_add on the GPU)."""
     xp = array_module(target)
-    if xp is np:
+    if xp is np and isinstance(index, np.ndarray) and index.dtype.kind in "iu":
+        _scatter_add_rows(target, index, values)
+    elif xp is np:
         np.add.at(target, index, values)
     else:
         import cupyx
 
         cupyx.scatter_add(target, index, values)
+
+
+def _scatter_add_rows(target, index, values):
+    """target[index] += values for one integer array `index` into axis 0 (the embedding adjoint), by sorting the
+    ids and summing each run with np.add.reduceat: ~8x faster than np.add.at, and in a fixed order."""
+    flat = index.reshape(-1).astype(np.int64)
+    if flat.size == 0:
+        return
+    flat = np.where(flat < 0, flat + target.shape[0], flat)
+    rows = values.reshape(flat.size, *target.shape[1:])
+    order = np.argsort(flat, kind="stable")
+    ids = flat[order]
+    starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
+    target[ids[starts]] += np.add.reduceat(rows[order], starts, axis=0)

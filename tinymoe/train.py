@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import backends
 from . import functional as F
 from . import optim as O
 from .data import SequenceTasks, TabularTasks
@@ -249,11 +250,11 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
     opt = make_optimizer(model, optim)
     batches = _Batches(len(train), optim.batch_size, optim.seed)
     state = TrainState()
-    best_weights = None
+    best = {"weights": None}  # the best-on-validation weights so far
     history: list[dict] = []
     ckpt_path = os.path.join(run_dir, "checkpoint.safetensors") if run_dir else None
     if resume:
-        state, best_weights = _restore(ckpt_path, model, opt, batches)
+        state, best["weights"] = _restore(ckpt_path, model, opt, batches)
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
         _drop_records_after(os.path.join(run_dir, "metrics.jsonl"), state.step if resume else 0)
@@ -262,69 +263,77 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
     model.train()
     started = time.perf_counter()
     try:
-        while state.step < optim.steps:
-            step = state.step
-            opt.lr = optim.lr_at(step)
-            idx = batches.next()
-            loss, _ = task_loss(model, train, idx)
-            aux = _aux_loss(model)
-            total = loss + aux
-            value = total.item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"fit: the loss is {value} at step {step} (lr {opt.lr:.3g}); lower the lr, "
-                                       f"keep grad_clip on, or check the data for NaNs")
-            opt.zero_grad()
-            total.backward()
-            grad_norm = O.clip_grad_norm(model.parameters(), optim.grad_clip) if optim.grad_clip else None
-            opt.step()
-            state.step += 1
-            state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-
-            last = state.step == optim.steps
-            if state.step % optim.eval_every == 0 or last:
-                record = {"step": state.step, "lr": opt.lr, "train_loss": state.loss_sum / state.loss_count,
-                          "aux": _aux_values(model), "seconds": round(time.perf_counter() - started, 3)}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                record.update(_routing_record(model))
-                state.loss_sum, state.loss_count = 0.0, 0
-                stop = False
-                if val is not None:
-                    result = evaluate(model, val)
-                    record["val"] = {"loss": result["loss"], "mean": result["mean"], "per_task": result["per_task"]}
-                    better = state.best is None or (result["mean"] > state.best if result["higher_is_better"]
-                                                    else result["mean"] < state.best)
-                    if better:
-                        state.best, state.evals_since_best = result["mean"], 0
-                        best_weights = model.state_dict()
-                    else:
-                        state.evals_since_best += 1
-                        stop = optim.patience is not None and state.evals_since_best >= optim.patience
-                    record["early_stop"] = stop
-                history.append(record)
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                if log:
-                    log(_format_record(record))
-                if ckpt_path and (stop or last or (optim.checkpoint_every and state.step % optim.checkpoint_every == 0)):
-                    _save(ckpt_path, model, opt, batches, state, best_weights)
-                if stop:
-                    break
-            elif ckpt_path and optim.checkpoint_every and state.step % optim.checkpoint_every == 0:
-                _save(ckpt_path, model, opt, batches, state, best_weights)
+        with backends.session():  # e.g. numba: NumPy's BLAS on one thread, the cores to the expert kernels
+            _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_path, metrics_file, bar, log,
+                  started)
     finally:
         if bar is not None:
             bar.close()
         if metrics_file:
             metrics_file.close()
-    if best_weights is not None:
-        model.load_state_dict(best_weights)
+    if best["weights"] is not None:
+        model.load_state_dict(best["weights"])
     model.eval()
     return history
+
+
+def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_path, metrics_file, bar, log, started):
+    """fit's steps: batch, loss, backward, clip, step; every eval_every steps a record, an eval, a checkpoint.
+    best["weights"] holds the best-on-validation weights so far."""
+    while state.step < optim.steps:
+        step = state.step
+        opt.lr = optim.lr_at(step)
+        idx = batches.next()
+        loss, _ = task_loss(model, train, idx)
+        aux = _aux_loss(model)
+        total = loss + aux
+        value = total.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"fit: the loss is {value} at step {step} (lr {opt.lr:.3g}); lower the lr, "
+                                   f"keep grad_clip on, or check the data for NaNs")
+        opt.zero_grad()
+        total.backward()
+        grad_norm = O.clip_grad_norm(model.parameters(), optim.grad_clip) if optim.grad_clip else None
+        opt.step()
+        state.step += 1
+        state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+        last = state.step == optim.steps
+        if state.step % optim.eval_every == 0 or last:
+            record = {"step": state.step, "lr": opt.lr, "train_loss": state.loss_sum / state.loss_count,
+                      "aux": _aux_values(model), "seconds": round(time.perf_counter() - started, 3)}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            record.update(_routing_record(model))
+            state.loss_sum, state.loss_count = 0.0, 0
+            stop = False
+            if val is not None:
+                result = evaluate(model, val)
+                record["val"] = {"loss": result["loss"], "mean": result["mean"], "per_task": result["per_task"]}
+                better = state.best is None or (result["mean"] > state.best if result["higher_is_better"]
+                                                else result["mean"] < state.best)
+                if better:
+                    state.best, state.evals_since_best = result["mean"], 0
+                    best["weights"] = model.state_dict()
+                else:
+                    state.evals_since_best += 1
+                    stop = optim.patience is not None and state.evals_since_best >= optim.patience
+                record["early_stop"] = stop
+            history.append(record)
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if log:
+                log(_format_record(record))
+            if ckpt_path and (stop or last or (optim.checkpoint_every and state.step % optim.checkpoint_every == 0)):
+                _save(ckpt_path, model, opt, batches, state, best["weights"])
+            if stop:
+                break
+        elif ckpt_path and optim.checkpoint_every and state.step % optim.checkpoint_every == 0:
+            _save(ckpt_path, model, opt, batches, state, best["weights"])
 
 
 def _drop_records_after(path, step):
