@@ -12,28 +12,9 @@ from hypothesis.extra import numpy as hnp
 import tinymoe.functional as F
 from tinymoe import Tensor
 from tinymoe.gradcheck import check_grad, check_vjp
+
+from strategies import FLOATS, NO_KINK_AT_ZERO, arrays, grad_of, scalarize, shapes  # noqa: F401
 from tinymoe.nn import MultiHeadAttention
-
-FLOATS = st.floats(-3, 3, allow_nan=False, allow_infinity=False, allow_subnormal=False)
-NO_KINK_AT_ZERO = FLOATS.filter(lambda v: abs(v) > 1e-3)
-
-
-def shapes(min_dims=1, max_dims=3, max_side=4):
-    return hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=max_side)
-
-
-def arrays(shape=None, elements=FLOATS):
-    return hnp.arrays(np.float64, shape if shape is not None else shapes(), elements=elements)
-
-
-def scalarize(t):
-    """sum(t * w) with fixed random weights w: every element matters, each with its own weight."""
-    w = np.random.default_rng(int(np.prod(t.shape)) + 7 * t.ndim).standard_normal(t.shape)
-    return (t * w).sum()
-
-
-def grad_of(fn, *inputs):
-    return check_grad(lambda *ts: scalarize(fn(*ts)), inputs)
 
 
 def elementwise(f):

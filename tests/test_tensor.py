@@ -15,31 +15,12 @@ import tinymoe as tm
 from tinymoe import Tensor
 from tinymoe.gradcheck import check_grad, check_vjp
 
+from strategies import FLOATS, NO_KINK_AT_ZERO, arrays, grad_of, scalarize, shapes  # noqa: F401
+
 # ---------------------------------------------------------------- strategies and helpers
 
-FLOATS = st.floats(-3, 3, allow_nan=False, allow_infinity=False, allow_subnormal=False)
 POSITIVE = st.floats(0.5, 3, allow_subnormal=False)
 AWAY_FROM_ZERO = st.one_of(st.floats(0.5, 3), st.floats(-3, -0.5))
-NO_KINK_AT_ZERO = FLOATS.filter(lambda v: abs(v) > 1e-3)
-
-
-def shapes(min_dims=1, max_dims=3):
-    return hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=4)
-
-
-def arrays(shape=None, elements=FLOATS):
-    return hnp.arrays(np.float64, shape if shape is not None else shapes(), elements=elements)
-
-
-def scalarize(t):
-    """A scalar that depends on every element with a different weight: sum(t * w), w fixed by the shape."""
-    w = np.random.default_rng(int(np.prod(t.shape)) + 7 * t.ndim).standard_normal(t.shape)
-    return (t * w).sum()
-
-
-def grad_of(fn, *inputs):
-    """check_grad on fn's output, reduced by `scalarize`."""
-    return check_grad(lambda *ts: scalarize(fn(*ts)), inputs)
 
 
 @st.composite

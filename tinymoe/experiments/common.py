@@ -16,6 +16,7 @@ import numpy as np
 
 from ..nn.layers import Linear
 from ..nn.module import Module, ModuleList, init_config, make_rng
+from ..nn.moe import Tower
 
 # ---- run folder, backend, seeds ----------------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class SharedBottom(Module):
         self.num_tasks = num_tasks
         self.fc1 = Linear(d_in, d_hidden or d_out, seed=rng, dtype=dtype)
         self.fc2 = Linear(d_hidden or d_out, d_out, seed=rng, dtype=dtype)
-        self.towers = ModuleList([_Tower(d_out, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
+        self.towers = ModuleList([Tower(d_out, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
         self.aux_losses: dict = {}
 
     def forward(self, x):
@@ -191,15 +192,6 @@ class SharedBottom(Module):
 
     def aux_loss(self):
         return 0.0
-
-
-class _Tower(Module):
-    def __init__(self, d_in, hidden, out_dim, rng, dtype):
-        self.fc1 = Linear(d_in, hidden, seed=rng, dtype=dtype)
-        self.fc2 = Linear(hidden, out_dim, seed=rng, dtype=dtype)
-
-    def forward(self, x):
-        return self.fc2(self.fc1(x).relu())
 
 
 # ---- the sequence-task models of E2–E4 ----------------------------------------------------------------------------

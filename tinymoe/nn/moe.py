@@ -276,7 +276,7 @@ class MultiGateMoE(Module):
                 for p in (param for lin in self.gates for param in (lin.weight, lin.bias)):
                     p.data[..., : k * m] = rng.uniform(-gamma / 100, gamma / 100, p.data[..., : k * m].shape)
                     p.data[..., k * m :] = rng.uniform(-0.05, 0.05, p.data[..., k * m :].shape)
-        self.towers = ModuleList([_Tower(d_expert, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
+        self.towers = ModuleList([Tower(d_expert, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
         self.aux_losses: dict = {}
         self.last_weights: list = []
 
@@ -324,7 +324,9 @@ class MultiGateMoE(Module):
         return [set(np.flatnonzero(q.mean(axis=0) > threshold)) for q in self.last_weights]
 
 
-class _Tower(Module):
+class Tower(Module):
+    """One task's tower: Linear(d_in, hidden) -> ReLU -> Linear(hidden, out_dim) (MMoE, Ma et al. 2018)."""
+
     def __init__(self, d_in, hidden, out_dim, rng, dtype):
         self.fc1 = Linear(d_in, hidden, seed=rng, dtype=dtype)
         self.fc2 = Linear(hidden, out_dim, seed=rng, dtype=dtype)
