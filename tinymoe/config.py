@@ -272,5 +272,11 @@ def apply_overrides(values: dict, overrides) -> dict:
 
 def load_config(path=None, overrides=None) -> RunConfig:
     """The built-in demo, or the file at `path`, with `--set` overrides applied, validated."""
-    values = read_file(path) if path else json.loads(json.dumps(DEMO))
-    return run_config_from_dict(apply_overrides(values, overrides))
+    if path:
+        return run_config_from_dict(apply_overrides(read_file(path), overrides))
+    values = apply_overrides(DEMO, overrides)
+    if values.get("data", {}).get("kind", "sequence") != "sequence":
+        # the demo's [model] is a transformer; tabular data starts from MultiGateConfig, plus any --set model.*
+        values["model"] = apply_overrides({}, [o for o in overrides or () if o.strip().startswith("model.")]).get(
+            "model", {})
+    return run_config_from_dict(values)

@@ -161,7 +161,8 @@ def routing_tables(model, data, batch_size=512) -> dict:
         if not weights:
             raise ValueError(f"{type(model).__name__} has no routing to show")
         table = np.stack([w.mean(axis=0) for w in weights])  # (num_tasks, E)
-        return {"tasks": names, "layers": [table], "expert_load": [table.mean(axis=0)]}
+        return {"tasks": names, "layers": [table], "expert_load": [table.mean(axis=0)],
+                "what": "mean gate weight of each task per expert"}
     layers = model.moe_layers
     counts = [np.zeros((len(names), m.num_experts)) for m in layers]
     with no_grad():
@@ -172,7 +173,8 @@ def routing_tables(model, data, batch_size=512) -> dict:
                 c += m.last_routing.task_expert_load(len(names))
     shares = [c / np.maximum(c.sum(axis=1, keepdims=True), 1) for c in counts]
     loads = [c.sum(axis=0) / max(c.sum(), 1) for c in counts]
-    return {"tasks": names, "layers": shares, "expert_load": loads}
+    return {"tasks": names, "layers": shares, "expert_load": loads,
+            "what": "share of each task's assignments per expert"}
 
 
 def format_routing(tables) -> str:
@@ -180,7 +182,7 @@ def format_routing(tables) -> str:
     lines = []
     for i, (share, load) in enumerate(zip(tables["layers"], tables["expert_load"])):
         E = share.shape[1]
-        lines.append(f"MoE layer {i}: share of each task's assignments per expert")
+        lines.append(f"MoE layer {i}: {tables['what']}")
         lines.append(f"{'task':>16} " + " ".join(f"e{e:<4}" for e in range(E)))
         for name, row in zip(tables["tasks"], share):
             lines.append(f"{name[:16]:>16} " + " ".join(f"{v:5.2f}" for v in row))
