@@ -317,3 +317,20 @@ def test_numba_cache_env(monkeypatch):
         assert _jit.cache_enabled() is enabled
     monkeypatch.delenv("TINYMOE_NUMBA_CACHE")
     assert _jit.cache_enabled()
+
+
+def test_numba_relu_keeps_nan_like_the_reference():
+    """np.maximum(NaN, 0) is NaN: a NaN input must not be silently zeroed by a backend's ReLU."""
+    if "numba" not in tm.backends.available():
+        pytest.skip(tm.backends.unavailable().get("numba", "numba not available"))
+    nb = tm.backends.load("numba")
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((4, 3)).astype(np.float32)
+    xs[1, 0] = np.nan
+    offsets = np.array([0, 2, 4])
+    w1, b1 = rng.standard_normal((2, 3, 5)).astype(np.float32), np.zeros((2, 5), np.float32)
+    w2, b2 = rng.standard_normal((2, 5, 3)).astype(np.float32), np.zeros((2, 3), np.float32)
+    ref, _ = tm.dispatch.expert_ffn(xs, offsets, w1, b1, w2, b2, "relu")
+    got, _ = nb.expert_ffn(xs, offsets, w1, b1, w2, b2, "relu")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(got).any()

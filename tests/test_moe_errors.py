@@ -122,3 +122,8 @@ def test_sequence_longer_than_max_seq_len():
 def test_task_descriptions_must_match_num_tasks():
     with pytest.raises(ValueError, match=r"2 task_descriptions for num_tasks=3"):
         tm.ModelConfig(num_tasks=3, task_descriptions=[[0], [1]])
+
+
+def test_misspelled_aux_weight_is_an_error():
+    with pytest.raises(ValueError, match="unknown aux_weights.*load_balence"):
+        tm.nn.MoE(8, 16, 4, aux_weights={"load_balence": 0.1})

@@ -104,6 +104,8 @@ def main(argv=None) -> int:
 
         return experiment_main(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "train" and args.resume and not args.run_dir:
+        parser.error("--resume needs --run-dir RUN_DIR (the run to continue)")
     from .backends import BackendUnavailable
     from .checkpoint import CheckpointError
     from .config import ConfigError

@@ -22,6 +22,14 @@ from .tensor import Tensor
 DEFAULT_WEIGHTS = {"load_balance": 1e-2, "importance_load": 1e-2, "z_loss": 1e-3, "dselect_entropy": 1e-6}
 
 
+def aux_weights(overrides, where) -> dict:
+    """DEFAULT_WEIGHTS with `overrides` applied; a misspelled name is an error (it would silently weigh nothing)."""
+    unknown = sorted(set(overrides or {}) - set(DEFAULT_WEIGHTS))
+    if unknown:
+        raise ValueError(f"{where}: unknown aux_weights {unknown}; the auxiliary losses are {list(DEFAULT_WEIGHTS)}")
+    return {**DEFAULT_WEIGHTS, **(overrides or {})}
+
+
 def load_balance(probs: Tensor, expert_idx, keep=None) -> Tensor:
     """E · Σ_i f_i · P_i. probs (T, E); expert_idx (T, k) the choices; keep (T, k) marks real assignments."""
     E = probs.shape[1]

@@ -128,7 +128,7 @@ class MoETransformer(Module):
 
     def aux_loss(self):
         """The weighted total of the layer-averaged auxiliary losses, to add to the task loss."""
-        weights = {**L.DEFAULT_WEIGHTS, **self.config.aux_weights}
+        weights = L.aux_weights(self.config.aux_weights, "ModelConfig")
         return L.weighted_total(self.aux_losses, weights)
 
     def add_task(self, description) -> int:

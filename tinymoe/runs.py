@@ -96,12 +96,27 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "seconds", "plot"}."""
     from .train import evaluate, fit
 
+    import importlib.util
+
+    if importlib.util.find_spec("safetensors") is None:
+        raise ConfigError("a run writes safetensors checkpoints: pip install 'tinymoe[train]' (safetensors, tqdm)")
+    splits = build_data(cfg)
+    try:
+        model = build_model(cfg, splits["train"])  # before anything is written: a bad [model] leaves no folder
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"[model] {e}") from None
     run_dir = run_dir or new_run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
+    config_path = os.path.join(run_dir, "config.json")
+    if resume and os.path.exists(config_path):
+        with open(config_path) as f:
+            saved = json.load(f)
+        for section in ("data", "model"):
+            if saved.get(section) != cfg.to_dict()[section]:
+                raise ConfigError(f"--resume: [{section}] differs from the run's config.json; resume with the same "
+                                  f"settings (tinymoe train --config {config_path} --run-dir {run_dir} --resume)")
+    with open(config_path, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    splits = build_data(cfg)
-    model = build_model(cfg, splits["train"])
     optim = cfg.optim if cfg.optim.seed else type(cfg.optim)(**{**cfg.optim.__dict__, "seed": cfg.seed})
     with run_backend(cfg.backend) as backend:
         log(f"run {run_dir}: {type(model).__name__}, {model.num_parameters():,} parameters, backend {backend}, "

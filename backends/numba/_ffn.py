@@ -96,7 +96,7 @@ def _softplus(v):
 
 @njit(inline="always")
 def _relu(v):
-    return v if v > 0 else 0.0
+    return 0.0 if v <= 0 else v  # NaN stays NaN, as np.maximum(NaN, 0) does in the reference
 
 
 @njit(inline="always")

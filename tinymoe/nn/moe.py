@@ -117,7 +117,7 @@ class MoE(Module):
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
         self.gate_name, self.capacity_factor, self.priority = gate, capacity_factor, priority
         self.activation, self.gamma, self.renormalize, self.num_tasks = activation, gamma, renormalize, num_tasks
-        self.aux_weights = {**L.DEFAULT_WEIGHTS, **(aux_weights or {})}
+        self.aux_weights = L.aux_weights(aux_weights, type(self).__name__)
         self.noise_rng = np.random.default_rng(rng.integers(2**63))  # noisy top-k's own stream
 
         router_kwargs = dict(router=router, num_tasks=num_tasks, task_dim=task_dim, task_descriptions=task_descriptions,
@@ -263,7 +263,7 @@ class MultiGateMoE(Module):
         rng = make_rng(seed)
         self.d_in, self.num_experts, self.num_tasks, self.k = d_in, num_experts, num_tasks, k
         self.gate_name, self.per_example, self.gamma, self.activation = gate, per_example, gamma, activation
-        self.aux_weights = {**L.DEFAULT_WEIGHTS, **(aux_weights or {})}
+        self.aux_weights = L.aux_weights(aux_weights, type(self).__name__)
         self.experts = Experts(num_experts, d_in, d_hidden or d_expert, d_expert, seed=rng, dtype=dtype)
         m = gates.binary_codes(num_experts).shape[1]
         if gate == "dselect_k" and not per_example:
