@@ -671,17 +671,21 @@ def main(argv=None) -> int:
                                 torch_on=torch_on, layer=args.layer, threads=threads, copy_bw=copy_bw, machine=machine,
                                 settle=args.settle)
             _log(f"  shape T,d,f,E,k={shape}: {time.perf_counter() - t0:.1f} s")
+        train_rows = []
+        if args.train and modules:  # inside the BLAS cap, like every other timing
+            from . import bench_train
+
+            train_rows = [{"kind": "train", **r} for r in bench_train.run(list(modules), log=lambda *a: None)]
 
     machine["loadavg_end"] = _loadavg()  # the same dict sits in every row
     report = format_table(rows, skipped) + ("\n" + targets_summary(rows) if rows else "")
     to_stdout = args.json == "-"
     print(report, file=sys.stderr if to_stdout else sys.stdout, flush=True)
-    if args.train and modules:
+    if train_rows:
         from . import bench_train
 
-        names = ["numpy", *[n for n in modules if n != "numpy"]]
-        log = (lambda *a: print(*a, file=sys.stderr if to_stdout else sys.stdout, flush=True))
-        rows += [{"kind": "train", **r} for r in bench_train.run(names, log=log)]
+        print(bench_train.format_rows(train_rows), file=sys.stderr if to_stdout else sys.stdout, flush=True)
+        rows += train_rows
     if args.json:
         records = rows + [dict(backend=name, skipped=why, machine=machine) for name, why in skipped.items()]
         text = json.dumps(records, indent=1, default=float)

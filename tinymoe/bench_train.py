@@ -65,8 +65,13 @@ def run(names, steps=20, log=print) -> list[dict]:
             base = t if name == "numpy" else base
             rows.append({"shape": shape, "backend": name, "seconds_per_step": t,
                          "speedup_vs_numpy": (base / t) if base else None})
-    log(f"\n{'training step':<14} {'backend':<8} {'ms/step':>9} {'speedup over numpy':>19}")
+    log(format_rows(rows))
+    return rows
+
+
+def format_rows(rows) -> str:
+    lines = [f"\n{'training step':<14} {'backend':<8} {'ms/step':>9} {'speedup over numpy':>19}"]
     for r in rows:
         speed = f"{r['speedup_vs_numpy']:.2f}x" if r["speedup_vs_numpy"] else "-"
-        log(f"{r['shape']:<14} {r['backend']:<8} {1e3 * r['seconds_per_step']:>9.1f} {speed:>19}")
-    return rows
+        lines.append(f"{r['shape']:<14} {r['backend']:<8} {1e3 * r['seconds_per_step']:>9.1f} {speed:>19}")
+    return "\n".join(lines)

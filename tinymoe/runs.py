@@ -105,6 +105,7 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         model = build_model(cfg, splits["train"])  # before anything is written: a bad [model] leaves no folder
     except (ValueError, TypeError) as e:
         raise ConfigError(f"[model] {e}") from None
+    cfg = resolved_config(cfg, splits["train"])  # config.json keeps every model default, not just the overrides
     run_dir = run_dir or new_run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
     config_path = os.path.join(run_dir, "config.json")
@@ -125,12 +126,26 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
                       progress=progress)
         test = evaluate(model, splits["test"])
     with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump({"test": test, "backend": backend, "steps": history[-1]["step"] if history else 0}, f, indent=2)
+        steps = history[-1]["step"] if history else cfg.optim.steps  # resuming a finished run logs nothing new
+        json.dump({"test": test, "backend": backend, "steps": steps}, f, indent=2)
     plot = None
     if has_routing(model):
         with contextlib.suppress(ImportError):
             plot = plot_routes(model, splits["test"], os.path.join(run_dir, "routes.png"))
     return {"dir": run_dir, "test": test, "backend": backend, "plot": plot, "model": model}
+
+
+def resolved_config(cfg: RunConfig, train) -> RunConfig:
+    """`cfg` with its [model] section filled in with every default (minus the fields the data decides)."""
+    from dataclasses import asdict, replace
+
+    from .config import _FROM_DATA
+
+    if cfg.sequence:
+        mc = model_config(cfg, train.num_tasks, train.vocab_size, train.seq_len)
+    else:
+        mc = model_config(cfg, train.num_tasks)
+    return replace(cfg, model={k: v for k, v in asdict(mc).items() if k not in _FROM_DATA})
 
 
 def load_run(run_dir):
