@@ -51,14 +51,20 @@ def _build_data(cfg: RunConfig) -> dict:
     return D.train_val_test_split(ds, tuple(d.split), seed=seed)
 
 
+def _model_config(cfg: RunConfig, train):
+    """The validated model config for this training set (its tasks, vocabulary and length fill the data fields)."""
+    if cfg.sequence:
+        return model_config(cfg, train.num_tasks, train.vocab_size, train.seq_len)
+    return model_config(cfg, train.num_tasks)
+
+
 def build_model(cfg: RunConfig, train):
     """A MoETransformer for sequence data; a MultiGateMoE (or shared-bottom) for tabular data."""
+    mc = _model_config(cfg, train)
     if cfg.sequence:
-        mc = model_config(cfg, train.num_tasks, train.vocab_size, train.seq_len)
         from .model import MoETransformer
 
         return MoETransformer(mc)
-    mc = model_config(cfg, train.num_tasks)
     out_dim = train.num_classes if train.task_type == "classification" else 1
     if mc.family == "shared_bottom":
         from .experiments.common import SharedBottom
@@ -141,10 +147,7 @@ def resolved_config(cfg: RunConfig, train) -> RunConfig:
 
     from .config import _FROM_DATA
 
-    if cfg.sequence:
-        mc = model_config(cfg, train.num_tasks, train.vocab_size, train.seq_len)
-    else:
-        mc = model_config(cfg, train.num_tasks)
+    mc = _model_config(cfg, train)
     return replace(cfg, model={k: v for k, v in asdict(mc).items() if k not in _FROM_DATA})
 
 

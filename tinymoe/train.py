@@ -188,7 +188,8 @@ def evaluate(model, data, batch_size=512) -> dict:
 
 @dataclass
 class TrainState:
-    """Everything besides weights and optimizer moments that an exact resume needs."""
+    """Everything besides weights, optimizer moments and the modules' own Generators (dropout, noisy gates: the
+    checkpoint saves those with the model) that an exact resume needs."""
 
     step: int = 0
     batch_rng: dict | None = None  # the batch-order Generator's bit_generator.state
@@ -196,25 +197,8 @@ class TrainState:
     epoch_pos: int = 0
     best: float | None = None  # best validation mean so far
     evals_since_best: int = 0
-    module_rngs: dict | None = None  # dropout / noisy-gate Generators inside the model
     loss_sum: float = 0.0  # the running train loss of the current eval window
     loss_count: int = 0
-
-
-def module_rngs(model) -> dict:
-    """Every np.random.Generator held by a module (dropout, noisy top-k), keyed by its path."""
-    out = {}
-    for path, module in _named_modules(model):
-        for name, value in vars(module).items():
-            if isinstance(value, np.random.Generator):
-                out[f"{path}{name}"] = value
-    return out
-
-
-def _named_modules(module, prefix=""):
-    yield prefix, module
-    for name, child in module.named_children():
-        yield from _named_modules(child, f"{prefix}{name}.")
 
 
 class _Batches:
@@ -388,7 +372,6 @@ def _save(path, model, opt, batches, state: TrainState, best_weights):
 
     state.batch_rng = batches.rng.bit_generator.state
     state.epoch_order, state.epoch_pos = batches.order.tolist(), batches.pos
-    state.module_rngs = {name: g.bit_generator.state for name, g in module_rngs(model).items()}
     train_state = asdict(state)
     train_state["has_best"] = best_weights is not None
     extra = {f"best.{k}": v for k, v in (best_weights or {}).items()}
@@ -408,9 +391,6 @@ def _restore(path, model, opt, batches):
     state = TrainState(**raw)
     batches.rng.bit_generator.state = state.batch_rng
     batches.order, batches.pos = np.asarray(state.epoch_order, dtype=np.int64), state.epoch_pos
-    for name, g in module_rngs(model).items():
-        if state.module_rngs and name in state.module_rngs:
-            g.bit_generator.state = state.module_rngs[name]
     best = None
     if has_best:
         best = {k[len("best."):]: v for k, v in ckpt.extra_tensors.items() if k.startswith("best.")}

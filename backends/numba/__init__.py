@@ -11,7 +11,7 @@ Design (the one measured in /work/shared/design/PERF.md, "Designs known to get t
 3. expert FFN: per-expert BLAS GEMMs (SciPy's sgemm/dgemm through Numba's np.dot) on contiguous row slices
    `buf[s:t]` of the expert-sorted buffers, bias + activation in a jitted loop; backward recomputes the activation
    from the saved pre-activation h. Experts without rows get zero weight gradients. The activations (relu, gelu
-   (tanh form), silu, sigmoid, softplus) are computed in float64 with a vectorisable exp (see _ffn.py), which keeps
+   (tanh form), silu) are computed in float64 with a vectorisable exp (see _ffn.py), which keeps
    them a small part of the layer; tinymoe.activations' registry decides which names are accepted.
 4. combine: prange over tokens, y[t] = Σ_j w[t, j]·out[inverse[t·k + j]]; its adjoint computes dout and dweights
    in one pass.

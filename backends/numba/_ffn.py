@@ -8,7 +8,7 @@ through the BLAS transpose flags, also without a copy.
 Work is cut into tiles (an expert's rows, or a slice of them when the expert is large) packed onto the threads
 (`plan_tiles`); each thread runs its tiles one after another with single-threaded BLAS. Weight gradients of an
 expert cut into several tiles are partial sums in scratch, added in a fixed order afterwards (`reduce_slots`).
-Activation codes: 0 relu, 1 gelu (tanh form), 2 silu, 3 sigmoid, 4 softplus (see tinymoe/activations.py).
+Activation codes: 0 relu, 1 gelu (tanh form), 2 silu (see tinymoe/activations.py).
 Elementwise math runs in float64 and is rounded once to the array dtype.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from numba import prange
 
 from ._jit import njit
 
-ACT_CODES = {"relu": 0, "gelu": 1, "silu": 2, "sigmoid": 3, "softplus": 4}
+ACT_CODES = {"relu": 0, "gelu": 1, "silu": 2}  # the names tinymoe.activations.ACTIVATIONS accepts
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
@@ -90,11 +90,6 @@ def _silu_grad(v):
 
 
 @njit(inline="always")
-def _softplus(v):
-    return max(v, 0.0) + math.log1p(_exp_neg(abs(v)))
-
-
-@njit(inline="always")
 def _relu(v):
     return 0.0 if v <= 0 else v  # NaN stays NaN, as np.maximum(NaN, 0) does in the reference
 
@@ -107,16 +102,6 @@ def _relu_grad(v):
 @njit(inline="always")
 def _silu(v):
     return v * _sigmoid(v)
-
-
-@njit(inline="always")
-def _sigmoid_grad(v):
-    return _sigmoid_slope(v)
-
-
-@njit(inline="always")
-def _softplus_grad(v):
-    return _sigmoid(v)
 
 
 # Row maps: one plain double loop over a 2-D row range per activation, chosen by `act_rows` outside the loops.
@@ -165,46 +150,14 @@ def _silu_grad_rows(h, g, s, t):
 
 
 @njit()
-def _sigmoid_rows(h, a, s, t):
-    for i in range(s, t):
-        for c in range(h.shape[1]):
-            a[i, c] = _sigmoid(np.float64(h[i, c]))
-
-
-@njit()
-def _sigmoid_grad_rows(h, g, s, t):
-    for i in range(s, t):
-        for c in range(h.shape[1]):
-            g[i, c] = np.float64(g[i, c]) * _sigmoid_grad(np.float64(h[i, c]))
-
-
-@njit()
-def _softplus_rows(h, a, s, t):
-    for i in range(s, t):
-        for c in range(h.shape[1]):
-            a[i, c] = _softplus(np.float64(h[i, c]))
-
-
-@njit()
-def _softplus_grad_rows(h, g, s, t):
-    for i in range(s, t):
-        for c in range(h.shape[1]):
-            g[i, c] = np.float64(g[i, c]) * _softplus_grad(np.float64(h[i, c]))
-
-
-@njit()
 def act_rows(h, a, s, t, code):
     """a[s:t] = act(h[s:t]) for activation `code` (ACT_CODES), in float64 rounded once to a's dtype."""
     if code == 0:
         _relu_rows(h, a, s, t)
     elif code == 1:
         _gelu_rows(h, a, s, t)
-    elif code == 2:
-        _silu_rows(h, a, s, t)
-    elif code == 3:
-        _sigmoid_rows(h, a, s, t)
     else:
-        _softplus_rows(h, a, s, t)
+        _silu_rows(h, a, s, t)
 
 
 @njit()
@@ -214,12 +167,8 @@ def mul_act_grad_rows(h, g, s, t, code):
         _relu_grad_rows(h, g, s, t)
     elif code == 1:
         _gelu_grad_rows(h, g, s, t)
-    elif code == 2:
-        _silu_grad_rows(h, g, s, t)
-    elif code == 3:
-        _sigmoid_grad_rows(h, g, s, t)
     else:
-        _softplus_grad_rows(h, g, s, t)
+        _silu_grad_rows(h, g, s, t)
 
 
 @njit()

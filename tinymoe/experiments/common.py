@@ -7,7 +7,6 @@ folder and returns {"dir", "table", "rows", "seconds"}.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from datetime import datetime
@@ -28,26 +27,13 @@ def run_dir(name, out=None) -> str:
     return path
 
 
-@contextlib.contextmanager
 def fastest_backend():
-    """Run under TINYMOE_BACKEND when it is set (`--backend` sets it), else under the numba backend when it loads
-    and is complete, else the NumPy reference; yields its name. Backends agree to ~1e-6, not bitwise, so a table
-    is reproduced exactly only on the backend it names."""
-    from .. import backends
+    """Context: run under TINYMOE_BACKEND when it is set (`--backend` sets it), else numba when it is installed,
+    else the NumPy reference (tinymoe.runs.run_backend's "auto"); yields its name. Backends agree to ~1e-6, not
+    bitwise, so a table is reproduced exactly only on the backend it names."""
+    from ..runs import run_backend
 
-    if os.environ.get("TINYMOE_BACKEND"):
-        with backends.use_backend(os.environ["TINYMOE_BACKEND"]):
-            yield os.environ["TINYMOE_BACKEND"]
-        return
-    name = "numpy"
-    try:
-        module = backends.load("numba")
-        if all(hasattr(module, p) for p in backends.PRIMITIVES):
-            name = "numba"
-    except Exception:  # not installed, not written yet, or broken: the reference always works
-        pass
-    with backends.use_backend(name):
-        yield name
+    return run_backend(os.environ.get("TINYMOE_BACKEND") or "auto")
 
 
 def preset_config(presets, preset, seeds=None) -> dict:
