@@ -10,6 +10,7 @@ A run folder holds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from datetime import datetime
@@ -124,7 +125,7 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
                                   f"settings (tinymoe train --config {config_path} --run-dir {run_dir} --resume)")
     with open(config_path, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    optim = cfg.optim if cfg.optim.seed else type(cfg.optim)(**{**cfg.optim.__dict__, "seed": cfg.seed})
+    optim = cfg.optim if cfg.optim.seed else dataclasses.replace(cfg.optim, seed=cfg.seed)
     with run_backend(cfg.backend) as backend:
         log(f"run {run_dir}: {type(model).__name__}, {model.num_parameters():,} parameters, backend {backend}, "
             f"{len(splits['train'])} training examples, {splits['train'].num_tasks} tasks")

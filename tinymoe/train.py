@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -228,7 +228,7 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
     """
     optim = optim or OptimConfig()
     if seed is not None:
-        optim = OptimConfig(**{**asdict(optim), "seed": seed})
+        optim = replace(optim, seed=seed)
     if len(train) == 0:
         raise ValueError("fit: the training set is empty")
     opt = make_optimizer(model, optim)
@@ -283,7 +283,7 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
         state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{task_value:.4f}")
 
         last = state.step == optim.steps
         if state.step % optim.eval_every == 0 or last:
