@@ -23,6 +23,7 @@ demo: $(VENV)/.demo-installed
 	$(VENV)/bin/tinymoe train
 
 test: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.test-installed

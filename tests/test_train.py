@@ -593,3 +593,23 @@ def test_train_run_for_models_without_moe_layers(tmp_path, overrides):
 def test_load_run_of_a_non_run_folder(tmp_path):
     with pytest.raises(ConfigError, match="not a run folder"):
         load_run(str(tmp_path))
+
+
+# ---- the progress bar (what `make demo` shows a user) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["not-a-tty", "tty"])
+def test_fit_with_progress_bar_on(tty, monkeypatch, capsys):
+    """`tinymoe train` runs with the bar on; every other test runs quiet, so this path needs its own test
+    (a NameError in the bar's postfix once broke `make demo` with the whole suite green)."""
+    import sys
+
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    splits = seq_splits(n_per_task=40)
+    history = fit(transformer(), splits["train"], splits["val"], OptimConfig(steps=6, eval_every=3, batch_size=8),
+                  progress=True)
+    assert [r["step"] for r in history] == [3, 6]
+    err = capsys.readouterr().err
+    if tty:
+        assert "loss=" in err  # the bar's postfix shows the task loss

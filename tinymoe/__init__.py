@@ -16,5 +16,5 @@ from .tensor import Tensor, concatenate, is_grad_enabled, no_grad, stack, tensor
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "concatenate", "stack", "where", "functional", "nn",
-           "optim", "backends", "set_backend", "get_backend", "use_backend", "ModelConfig", "MoETransformer",
+           "optim", "backends", "checkpoint", "set_backend", "get_backend", "use_backend", "ModelConfig", "MoETransformer",
            "save", "load", "CheckpointError"]

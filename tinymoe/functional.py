@@ -7,7 +7,6 @@ construction). Fused, with a hand-written gradient, only where stability or spee
 """
 from __future__ import annotations
 
-import numpy as np
 
 from . import activations as A
 from .tensor import Tensor, concatenate, maximum, stack, tensor, where  # noqa: F401  (re-exported)

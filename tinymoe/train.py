@@ -280,7 +280,8 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
         grad_norm = O.clip_grad_norm(model.parameters(), optim.grad_clip) if optim.grad_clip else None
         opt.step()
         state.step += 1
-        state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
+        task_value = loss.item()
+        state.loss_sum, state.loss_count = state.loss_sum + task_value, state.loss_count + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{task_value:.4f}")
