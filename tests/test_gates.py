@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tinymoe as tm
 from tinymoe import gates as G
-from tinymoe.routers import TaskEmbedding
+from tinymoe.nn.routers import TaskEmbedding
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 F64 = dict(rtol=1e-12, atol=1e-12)

@@ -75,7 +75,7 @@ def hand_moe_top_k(moe, x, k, capacity_factor=None, priority="slot"):
                 held[idx[t, j]] += 1
             else:
                 keep[t, j] = False
-    y = np.zeros((T, moe.d_model))
+    y = np.zeros((T, moe.config.d_model))
     for t in range(T):
         for j in range(k):
             if keep[t, j]:
@@ -340,12 +340,12 @@ def layer_grad_check(layer, x, call=None, with_aux=True, seed=0, reset=None):
 
 
 def assert_margin(moe, x, k, task_ids=None):
-    if moe.gate_name in ("softmax", "dselect_k", "hash"):
+    if moe.config.gate in ("softmax", "dselect_k", "hash"):
         return
     with tm.no_grad():
-        h = moe.gate(tm.Tensor(x), task_ids).numpy().astype(np.float64)
-    if moe.gate_name == "expert_choice":
-        C = min(math.ceil((moe.capacity_factor or 1.0) * x.shape[0] * k / moe.num_experts), x.shape[0])
+        h = moe.router(tm.Tensor(x), task_ids).numpy().astype(np.float64)
+    if moe.config.gate == "expert_choice":
+        C = min(math.ceil((moe.config.capacity_factor or 1.0) * x.shape[0] * k / moe.num_experts), x.shape[0])
         p = -np.sort(-np_softmax(h), axis=0)
         gap = np.inf if C >= x.shape[0] else float((p[C - 1] - p[C]).min())
     else:

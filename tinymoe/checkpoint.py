@@ -54,7 +54,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import importlib
 import inspect
 import json
 import os
@@ -62,6 +61,9 @@ import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import nn
+from .model import ModelConfig, MoETransformer
 
 FORMAT_NAME = "tinymoe-checkpoint"
 FORMAT_VERSION = 1
@@ -79,17 +81,16 @@ class CheckpointError(ValueError):
 class ModelSpec:
     """How to save and rebuild one model class.
 
-    target: "package.module:ClassName", imported lazily (so this module imports nothing heavy and no cycles).
-    get_config(model) -> a JSON-able config; build(cls, config) -> a fresh model (weights loaded afterwards).
+    cls: the class itself (never a name imported from the file). get_config(model) -> a JSON-able config;
+    build(cls, config) -> a fresh model (weights loaded afterwards).
     """
 
-    target: str
+    cls: type
     get_config: object
     build: object
 
     def resolve(self):
-        module, _, name = self.target.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return self.cls
 
 
 def _dict_config(model):
@@ -105,36 +106,34 @@ def _dataclass_config(model):
 
 
 def _build_transformer(cls, config):
-    from .model import ModelConfig
-
     return cls(ModelConfig(**config))
 
 
 MODELS: dict[str, ModelSpec] = {
-    "tinymoe.MoETransformer": ModelSpec("tinymoe.model:MoETransformer", _dataclass_config, _build_transformer),
-    "tinymoe.nn.MoE": ModelSpec("tinymoe.nn.moe:MoE", _dict_config, _build_from_kwargs),
-    "tinymoe.nn.MultiGateMoE": ModelSpec("tinymoe.nn.moe:MultiGateMoE", _dict_config, _build_from_kwargs),
-    "tinymoe.experiments.SharedBottom": ModelSpec("tinymoe.experiments.common:SharedBottom", _dict_config,
-                                                  _build_from_kwargs),
+    "tinymoe.MoETransformer": ModelSpec(MoETransformer, _dataclass_config, _build_transformer),
+    "tinymoe.nn.MoE": ModelSpec(nn.MoE, _dataclass_config, _build_from_kwargs),
+    "tinymoe.nn.MultiGateMoE": ModelSpec(nn.MultiGateMoE, _dict_config, _build_from_kwargs),
+    "tinymoe.nn.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs),
+    # the name files written before SharedBottom moved into tinymoe.nn carry (read only: saving uses the one above)
+    "tinymoe.experiments.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs),
 }
 
 
-def register_model(name, target, get_config=_dict_config, build=_build_from_kwargs):
-    """Make another model class checkpointable. `target` is "module:ClassName" (or the class itself); the defaults
-    suit a class that keeps its constructor kwargs in `self.config` (see `tinymoe.nn.module.init_config`)."""
-    if not isinstance(target, str):
-        target = f"{target.__module__}:{target.__qualname__}"
-    MODELS[name] = ModelSpec(target, get_config, build)
+def register_model(name, cls, get_config=_dict_config, build=_build_from_kwargs):
+    """Make another model class checkpointable under `name`; the defaults suit a class that keeps its constructor
+    kwargs in `self.config` (see `tinymoe.nn.module.init_config`)."""
+    if not isinstance(cls, type):
+        raise TypeError(f"register_model: pass the class itself, got {cls!r}")
+    MODELS[name] = ModelSpec(cls, get_config, build)
 
 
 def _model_name(model) -> str:
-    for name, spec in MODELS.items():
-        if spec.target.rpartition(":")[2] == type(model).__qualname__ and type(model) is spec.resolve():
+    for name, spec in MODELS.items():  # the first name of a class is the one it is saved under
+        if type(model) is spec.cls:
             return name
-    target = f"{type(model).__module__}:{type(model).__qualname__}"
     raise CheckpointError(f"save: cannot checkpoint a {type(model).__qualname__}: it is not in "
                           f"tinymoe.checkpoint.MODELS ({sorted(MODELS)}); register it with "
-                          f"tinymoe.checkpoint.register_model(name, {target!r})")
+                          f"tinymoe.checkpoint.register_model(name, {type(model).__qualname__})")
 
 
 # ---- JSON with tags: exact round trips of tuples, NumPy values and non-string keys ----------------------------------

@@ -85,7 +85,7 @@ def noisy_top_k_gate(logits: Tensor, noise_logits: Tensor, k: int, rng, training
     else:
         noisy = logits
     routing = top_k_gate(noisy, k, renormalize)
-    dense_gates = _scatter_rows(routing.weights, routing.expert_idx, logits.shape[1])
+    dense_gates = scatter_rows(routing.weights, routing.expert_idx, logits.shape[1])
     importance = dense_gates.sum(axis=0)  # (E,)
     if training and k < logits.shape[1]:
         load = _smooth_load(logits, noisy, noise_std, k)
@@ -114,7 +114,7 @@ def cv_squared(v: Tensor) -> Tensor:
     return v.var() / (mean * mean + 1e-10)
 
 
-def _scatter_rows(values: Tensor, idx, num_experts) -> Tensor:
+def scatter_rows(values: Tensor, idx, num_experts) -> Tensor:
     """(T, k) values at columns idx -> dense (T, E) with zeros elsewhere (differentiable in values)."""
     T, k = idx.shape
     flat = values.reshape(-1)  # (T·k,)

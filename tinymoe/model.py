@@ -12,9 +12,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import losses as L
-from .nn import Embedding, LayerNorm, Linear, MoE, Module, ModuleList, TransformerBlock
+from .nn import Embedding, LayerNorm, Linear, MoE, Module, ModuleList, TaskEmbedding, TransformerBlock
 from .nn.module import Parameter, make_rng
-from .routers import TaskEmbedding
 from .tensor import Tensor
 
 
@@ -113,7 +112,7 @@ class MoETransformer(Module):
             kwargs = {}
             if isinstance(block.ffn, MoE):
                 kwargs["task_ids"] = task_ids
-                if block.ffn.gate_name == "hash":  # hash layers route each position by its token id
+                if block.ffn.config.gate == "hash":  # hash layers route each position by its token id
                     kwargs["token_ids"] = tokens.reshape(-1)
             x = block(x, padding_mask=padding_mask, **kwargs)
         x = self.ln_f(x)
@@ -133,14 +132,14 @@ class MoETransformer(Module):
 
     def add_task(self, description) -> int:
         """Register an unseen task by its description (composed embeddings only); returns its task id."""
-        tables = [m.gate.task_embedding for m in self.moe_layers if hasattr(m.gate, "task_embedding")]
+        tables = [m.router.task_embedding for m in self.moe_layers if hasattr(m.router, "task_embedding")]
         if self.config.task_embedding:
             tables.append(self.task_emb)
         if not tables:
             raise ValueError("add_task: this model has no description-composed task embeddings")
         ids = {t.add_task(description) for t in tables}
         for m in self.moe_layers:
-            m.num_tasks = max(ids) + 1
+            m.config.num_tasks = max(ids) + 1
         # keep the config in step, so a saved model is rebuilt with the added task
         self.config.task_descriptions = [*self.config.task_descriptions, [int(p) for p in description]]
         self.config.num_tasks = max(ids) + 1

@@ -1,10 +1,10 @@
-"""Differentiable MoE ops: dispatch (gather), grouped expert FFN and combine as graph nodes.
+"""Differentiable MoE ops: gather (the "dispatch" of the MoE papers), grouped expert FFN and combine as graph nodes.
 
 Each op calls the current backend's primitive forward and, in `_backward`, the same backend's adjoint — the
 backends supply primitives, the gradients are composed here, once (tinygrad's rule).
 
     plan = plan_routing(expert_idx, num_experts, keep)   # which row each kept assignment occupies
-    xs   = dispatch(x, plan)                             # (R, d)
+    xs   = gather(x, plan)                               # (R, d)
     out  = grouped_ffn(xs, plan, w1, b1, w2, b2, act)    # (R, d_out)
     y    = combine(out, weights, plan)                   # (T, d_out); gradient flows into weights too
 
@@ -44,10 +44,10 @@ def plan_routing(expert_idx, num_experts, keep=None) -> RoutingPlan:
     return RoutingPlan(order, offsets, inverse, expert_idx.shape[0], expert_idx.shape[1], be)
 
 
-def dispatch(x: Tensor, plan: RoutingPlan) -> Tensor:
-    """(T, d) -> (R, d): one row per kept assignment, grouped by expert."""
+def gather(x: Tensor, plan: RoutingPlan) -> Tensor:
+    """(T, d) -> (R, d): one row per kept assignment, grouped by expert (the backends' `gather`, differentiable)."""
     be = plan.backend
-    out = x._make(be.gather(x.data, plan.order, plan.k), (x,), "dispatch")
+    out = x._make(be.gather(x.data, plan.order, plan.k), (x,), "gather")
     out._backward = lambda g: x._accumulate(be.gather_backward(g, plan.inverse, plan.k, plan.num_tokens))
     return out
 
@@ -95,5 +95,5 @@ def sparse_mixture(x: Tensor, expert_idx, weights: Tensor, keep, experts, num_ex
     """
     plan = plan_routing(expert_idx, num_experts, keep)
     x = x.astype(experts.w1.dtype)  # backends multiply same-dtype operands only
-    out = grouped_ffn(dispatch(x, plan), plan, experts.w1, experts.b1, experts.w2, experts.b2, activation)
+    out = grouped_ffn(gather(x, plan), plan, experts.w1, experts.b1, experts.w2, experts.b2, activation)
     return combine(out, weights, plan), plan

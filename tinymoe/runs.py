@@ -68,7 +68,7 @@ def build_model(cfg: RunConfig, train):
         return MoETransformer(mc)
     out_dim = train.num_classes if train.task_type == "classification" else 1
     if mc.family == "shared_bottom":
-        from .experiments.common import SharedBottom
+        from .nn import SharedBottom
 
         return SharedBottom(train.num_features, mc.d_expert, train.num_tasks, mc.seed, d_hidden=mc.d_hidden,
                             tower_hidden=mc.tower_hidden, out_dim=out_dim)

@@ -1,5 +1,5 @@
 """What every experiment shares: the run folder, the seeds loop, mean ± std, a markdown table, a plot, the
-adjusted Rand index, the backend choice, and the shared-bottom baseline of E1.
+adjusted Rand index, the backend choice, and the sequence models of E2-E4.
 
 An experiment module defines `PRESETS = {"tiny": {...}, "small": {...}}` and
 `run(preset="small", seeds=None, out=None, log=print) -> dict` that writes results.md and a PNG into its run
@@ -13,9 +13,7 @@ from datetime import datetime
 
 import numpy as np
 
-from ..nn.layers import Linear
-from ..nn.module import Module, ModuleList, init_config, make_rng
-from ..nn.moe import Tower
+from ..nn import SharedBottom  # noqa: F401  (the E1 baseline lives in the library: `tinymoe train` builds it too)
 
 # ---- run folder, backend, seeds ----------------------------------------------------------------------------------
 
@@ -149,35 +147,6 @@ class Timer:
     @property
     def seconds(self):
         return time.perf_counter() - self.start
-
-
-# ---- the shared-bottom baseline (E1) -----------------------------------------------------------------------------
-
-
-class SharedBottom(Module):
-    """Shared-bottom multi-task model (Caruana 1997): one MLP d_in -> d_hidden -> d_out shared by every task, then
-    one tower per task. Same call convention as MultiGateMoE: model(x (N, d_in)) -> list of (N, out_dim) tensors.
-
-    With d_hidden = k · (an expert's hidden width) it does the same work per example as a top-k MultiGateMoE.
-    """
-
-    def __init__(self, d_in, d_out, num_tasks, seed=0, *, d_hidden=None, tower_hidden=8, out_dim=1,
-                 dtype=np.float32):
-        self.config = init_config(d_in=d_in, d_out=d_out, num_tasks=num_tasks, seed=seed, d_hidden=d_hidden,
-                                  tower_hidden=tower_hidden, out_dim=out_dim, dtype=dtype)
-        rng = make_rng(seed)
-        self.num_tasks = num_tasks
-        self.fc1 = Linear(d_in, d_hidden or d_out, seed=rng, dtype=dtype)
-        self.fc2 = Linear(d_hidden or d_out, d_out, seed=rng, dtype=dtype)
-        self.towers = ModuleList([Tower(d_out, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
-        self.aux_losses: dict = {}
-
-    def forward(self, x):
-        shared = self.fc2(self.fc1(x).relu())  # (N, d_out), linear output like an expert of MultiGateMoE
-        return [tower(shared) for tower in self.towers]
-
-    def aux_loss(self):
-        return 0.0
 
 
 # ---- the sequence-task models of E2–E4 ----------------------------------------------------------------------------

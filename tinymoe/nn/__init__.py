@@ -1,8 +1,11 @@
-"""Modules (PyTorch-like): layers, attention, and the MoE layers."""
+"""Modules (PyTorch-like): layers, attention, routers, the MoE layer and the multi-task models."""
 from .attention import MultiHeadAttention, TransformerBlock
 from .layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
-from .moe import MoE, MultiGateMoE
 from .module import Module, ModuleList, Parameter
+from .moe import GATE_SPECS, GateSpec, MoE, MoEConfig
+from .multitask import MultiGateMoE, SharedBottom, Tower
+from .routers import Router, TaskEmbedding
 
 __all__ = ["Module", "ModuleList", "Parameter", "Linear", "Embedding", "LayerNorm", "RMSNorm", "Dropout",
-           "FeedForward", "MultiHeadAttention", "TransformerBlock", "MoE", "MultiGateMoE"]
+           "FeedForward", "MultiHeadAttention", "TransformerBlock", "MoE", "MoEConfig", "GateSpec", "GATE_SPECS",
+           "MultiGateMoE", "SharedBottom", "Tower", "Router", "TaskEmbedding"]

@@ -1,27 +1,37 @@
-"""MoE layers: `MoE` (token routing in a transformer) and `MultiGateMoE` (MMoE / DSelect-k multi-task).
+"""The MoE layer: each token goes to k of E expert FFNs, chosen by a learned router and a gate.
 
     moe = tm.nn.MoE(d_model=32, d_ff=64, num_experts=8, gate="top_k", k=2, capacity_factor=None, router="token")
     y = moe(x, task_ids=None)        # x (N, d) or (B, T, d)
     moe.aux_losses                   # {"load_balance": Tensor, "z_loss": Tensor, ...} for the last call
     moe.last_routing                 # RoutingStats: per-expert counts, drops, the routing itself
 
-The layer is: router (tinymoe.routers) -> gate (tinymoe.gates) -> [capacity] -> dispatch / experts / combine
-(tinymoe.moe_ops, on the current backend) -> + shared experts.
+Read top to bottom: `Experts` (the E FFNs, stacked), `RoutingStats` (what a forward did), `MoEConfig` (every
+option, with why), `GATE_SPECS` (what each gate needs from the layer), then `MoE`, whose forward is
+
+    h       = router(x, task)                       # tinymoe.nn.routers: what the gate sees
+    routing = GATE_SPECS[gate].route(h, ...)        # tinymoe.gates: which experts, with what weights
+    keep    = capacity_keep(routing)                # drop what overflows an expert (capacity mode only)
+    y       = sparse_mixture(x, routing, keep)      # tinymoe.moe_ops: gather, expert FFNs, combine
+    y      += shared experts (x)
+
+The math of gates, capacity and the auxiliary losses is written out in docs/design.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import KW_ONLY, dataclass
+from typing import Callable
 
 import numpy as np
 
-from .. import dispatch, gates
+from .. import backends, gates
+from .. import dispatch as reference
 from .. import losses as L
-from ..moe_ops import combine, grouped_ffn, plan_routing, sparse_mixture
-from ..moe_ops import dispatch as gather_rows
-from ..routers import Router
+from ..moe_ops import sparse_mixture
 from ..tensor import Tensor
-from .layers import FeedForward, Linear
-from .module import Module, ModuleList, Parameter, init_config, make_rng
+from .layers import FeedForward
+from .module import Module, ModuleList, Parameter, make_rng
+from .routers import Router
 
 
 class Experts(Module):
@@ -76,260 +86,269 @@ class RoutingStats:
         return int((self.chosen.any(axis=1) & ~self.keep.any(axis=1)).sum())
 
 
-def _check_k(name, k, num_experts):
+# ---- the configuration --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoEConfig:
+    """Every option of an MoE layer. `MoE(...)` takes these fields as its keywords (the first ten also by position)."""
+
+    d_model: int  # token width d: the layer maps (·, d) -> (·, d)
+    d_ff: int  # hidden width f of each expert's FFN d -> f -> d
+    num_experts: int  # E: more experts, more parameters, the same compute per token
+    gate: str = "top_k"  # how the routing is made from h: a key of GATE_SPECS (tinymoe.gates)
+    k: int = 2  # experts per token (a dense gate uses all E)
+    capacity_factor: float | None = None  # None: dropless; c: the capacity C = ⌈c·T·k/E⌉ (docs/design.md §3)
+    router: str = "token"  # what the router sees: token | concat | add | task | multi_gate (tinymoe.nn.routers)
+    num_tasks: int | None = None  # task ids lie in [0, num_tasks); the task-aware routers need it
+    activation: str = "gelu"  # of the expert FFNs: relu | gelu | silu
+    seed: int | None = 0  # weights and noise are drawn from this (None when built from a parent's Generator)
+    _: KW_ONLY
+    priority: str = "slot"  # who is served first when an expert overflows: slot (GShard) | weight (BPR)
+    num_shared_experts: int = 0  # always-on dense FFNs added to the output (DeepSeekMoE's shared experts)
+    task_dim: int | None = None  # width of the task embedding (default d_model)
+    task_descriptions: list | None = None  # per task, part ids: task embeddings composed from parts (unseen tasks)
+    num_description_parts: int | None = None  # size of the part vocabulary (default: the largest id + 1)
+    gamma: float = 1.0  # DSelect-k's smooth-step width γ
+    renormalize: bool | None = None  # top-k weights: softmax over the k (True) or full-softmax p_i (False)
+    aux_weights: dict | None = None  # overrides of tinymoe.losses.DEFAULT_WEIGHTS for this layer
+    dtype: str = "float32"  # parameter dtype ("float64" for gradient checks)
+
+
+# ---- what each gate needs from the layer ---------------------------------------------------------------------------
+
+
+@dataclass
+class GateInputs:
+    """What a gate may use besides the router's output h: the layer's settings and this call's extras."""
+
+    k: int
+    num_experts: int
+    training: bool
+    gamma: float = 1.0  # DSelect-k
+    renormalize: bool | None = None  # top-k
+    noise_logits: Tensor | None = None  # noisy top-k: the noise router's output
+    noise_rng: np.random.Generator | None = None  # noisy top-k: the layer's own noise stream
+    ids: np.ndarray | None = None  # hash: one token (or task) id per token
+    capacity: int | None = None  # expert choice: the tokens each expert takes
+    dtype: object = np.float32  # hash: the dtype of its constant weights
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How the MoE layer uses one gate. Adding a gate = one function in tinymoe.gates + one entry of GATE_SPECS."""
+
+    route: Callable  # (h, GateInputs) -> gates.Routing
+    width: Callable | None = lambda num_experts, k: num_experts  # router outputs; None: the gate has no router
+    init: Callable | None = None  # (layer, rng) -> None: the paper's router initialisation (default U(±1/√d))
+    aux: tuple = ("load_balance", "z_loss")  # losses the layer computes from the routing (a gate adds its own)
+    capacity: str = "drop"  # "drop": C caps each expert after the gate | "choose": the gate takes C per expert
+    dense: bool = False  # every expert computes: k is E
+    noise_router: bool = False  # a second router whose output scales the noise (noisy top-k)
+
+
+def init_dselect_k_(arrays, k, num_experts, gamma, rng):
+    """DSelect-k's initialisation (Hazimeh et al. 2021, official code), in place on arrays whose last axis holds
+    [z (k·m) | α (k)]: z ~ U(±γ/100), so every smooth step starts at S(z) ≈ ½ and all experts weigh the same
+    (dense-to-sparse training), and α ~ U(±0.05)."""
+    km = k * gates.binary_codes(num_experts).shape[1]
+    for a in arrays:
+        a[..., :km] = rng.uniform(-gamma / 100, gamma / 100, a[..., :km].shape)
+        a[..., km:] = rng.uniform(-0.05, 0.05, a[..., km:].shape)
+
+
+def _zero_routers(layer, rng):
+    """Shazeer et al. 2017: W_g and W_noise start at zero (every expert ties; the noise breaks the ties)."""
+    for router in (layer.router, layer.noise):
+        for p in router.linear_parameters():
+            p.data[...] = 0
+
+
+def _init_dselect_router(layer, rng):
+    c = layer.config
+    init_dselect_k_([p.data for p in layer.router.linear_parameters()], c.k, c.num_experts, c.gamma, rng)
+
+
+def _dselect_width(num_experts, k):
+    """k selectors of m = ⌈log2 E⌉ logits each, then k selector weights α."""
+    return k * gates.binary_codes(num_experts).shape[1] + k
+
+
+GATE_SPECS = {
+    "softmax": GateSpec(lambda h, g: gates.softmax_gate(h), aux=("z_loss",), dense=True),
+    "top_k": GateSpec(lambda h, g: gates.top_k_gate(h, g.k, g.renormalize)),
+    "noisy_top_k": GateSpec(lambda h, g: gates.noisy_top_k_gate(h, g.noise_logits, g.k, g.noise_rng, g.training,
+                                                                 g.renormalize),
+                            init=_zero_routers, noise_router=True),
+    "dselect_k": GateSpec(lambda h, g: gates.dselect_k_gate(h, g.num_experts, g.k, g.gamma, g.training),
+                          width=_dselect_width, init=_init_dselect_router, aux=("load_balance",)),
+    "expert_choice": GateSpec(lambda h, g: gates.expert_choice_gate(h, g.capacity), aux=("z_loss",),
+                              capacity="choose"),
+    "hash": GateSpec(lambda h, g: gates.hash_gate(g.ids, g.num_experts, g.k, dtype=g.dtype), width=None, aux=()),
+}
+assert set(GATE_SPECS) == set(gates.GATES), "every gate of tinymoe.gates needs a GateSpec"
+
+
+def check_k(name, k, num_experts):
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"{name}: k must be an integer ≥ 1, got {k!r}")
     if k > num_experts:
         raise ValueError(f"{name}: k={k} > num_experts={num_experts}; choose k ≤ num_experts")
 
 
-class MoE(Module):
-    """A sparsely activated FFN layer: each token goes to k of E experts (see the module docstring).
+def _validated(c: MoEConfig) -> MoEConfig:
+    if c.gate not in GATE_SPECS:
+        raise ValueError(f"unknown gate {c.gate!r}; choose one of {list(GATE_SPECS)}")
+    if c.num_experts < 1:
+        raise ValueError(f"MoE: num_experts must be ≥ 1, got {c.num_experts}")
+    if GATE_SPECS[c.gate].dense:
+        c.k = c.num_experts
+    check_k("MoE", c.k, c.num_experts)
+    if c.capacity_factor is not None and not c.capacity_factor > 0:
+        raise ValueError(f"MoE: capacity_factor must be > 0 (or None for dropless), got {c.capacity_factor}")
+    if c.priority not in ("slot", "weight"):
+        raise ValueError(f"MoE: priority must be 'slot' or 'weight', got {c.priority!r}")
+    c.dtype = np.dtype(c.dtype).name
+    if isinstance(c.seed, np.random.Generator):
+        c.seed = None  # the config stays JSON; the weights come from the parent's stream (and from checkpoints)
+    return c
 
-    gate: softmax | top_k | noisy_top_k | dselect_k | expert_choice | hash (tinymoe.gates).
-    router: token | concat | add | task | multi_gate (tinymoe.routers); the task ones need num_tasks and task_ids.
-    capacity_factor: None = dropless; c > 0 = at most ⌈c·T·k/E⌉ assignments per expert, served slot-major and in
-    token order (priority="slot") or by weight (priority="weight"). For expert_choice it is the c of C = c·T·k/E
-    (default 1.0). num_shared_experts: always-on dense FFNs added to the output (DeepSeekMoE-style shared experts).
+
+# ---- the layer --------------------------------------------------------------------------------------------------
+
+
+class MoE(Module):
+    """A sparsely activated FFN layer (Shazeer et al. 2017; GShard; Switch): y = Σ_j w_j · FFN_{e_j}(x) + shared.
+
+    MoE(d_model, d_ff, num_experts, gate="top_k", k=2, ...) with the fields of `MoEConfig` as keywords, or
+    MoE(MoEConfig(...)). Parameters: router `gate.weight` (d, n) [+ `gate.bias`, task parts], `noise.*` (noisy
+    top-k), `experts.w1` (E, d, f), `experts.b1`, `experts.w2` (E, f, d), `experts.b2`, `shared.i.*`.
     """
 
-    def __init__(self, d_model, d_ff, num_experts, gate="top_k", k=2, capacity_factor=None, router="token",
-                 num_tasks=None, activation="gelu", seed=0, *, priority="slot", num_shared_experts=0, task_dim=None,
-                 task_descriptions=None, num_description_parts=None, gamma=1.0, renormalize=None, aux_weights=None,
-                 dtype=np.float32):
-        if gate not in gates.GATES:
-            raise ValueError(f"unknown gate {gate!r}; choose one of {list(gates.GATES)}")
-        if num_experts < 1:
-            raise ValueError(f"MoE: num_experts must be ≥ 1, got {num_experts}")
-        k = num_experts if gate == "softmax" else k
-        _check_k("MoE", k, num_experts)
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"MoE: capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
-        if priority not in ("slot", "weight"):
-            raise ValueError(f"MoE: priority must be 'slot' or 'weight', got {priority!r}")
-        self.config = init_config(d_model=d_model, d_ff=d_ff, num_experts=num_experts, gate=gate, k=k,
-                                  capacity_factor=capacity_factor, router=router, num_tasks=num_tasks,
-                                  activation=activation, seed=seed, priority=priority,
-                                  num_shared_experts=num_shared_experts, task_dim=task_dim,
-                                  task_descriptions=task_descriptions, num_description_parts=num_description_parts,
-                                  gamma=gamma, renormalize=renormalize, aux_weights=aux_weights, dtype=dtype)
-        rng = make_rng(seed)
-        self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
-        self.gate_name, self.capacity_factor, self.priority = gate, capacity_factor, priority
-        self.activation, self.gamma, self.renormalize, self.num_tasks = activation, gamma, renormalize, num_tasks
-        self.aux_weights = L.aux_weights(aux_weights, type(self).__name__)
+    def __init__(self, *args, **kwargs):
+        config = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], MoEConfig) else MoEConfig(*args, **kwargs)
+        rng = make_rng(config.seed)  # an int seed, or a parent module's Generator used as is
+        c = self.config = _validated(dataclasses.replace(config))
+        spec = self.spec = GATE_SPECS[c.gate]
+        dtype = np.dtype(c.dtype).type
+        self.aux_weights = L.aux_weights(c.aux_weights, type(self).__name__)
         self.noise_rng = np.random.default_rng(rng.integers(2**63))  # noisy top-k's own stream
 
-        router_kwargs = dict(router=router, num_tasks=num_tasks, task_dim=task_dim, task_descriptions=task_descriptions,
-                             num_description_parts=num_description_parts, dtype=dtype)
-        if gate == "hash":
-            self.gate = None  # no parameters: routes by token or task id
-        elif gate == "dselect_k":
-            m = gates.binary_codes(num_experts).shape[1]
-            self.gate = Router(d_model, k * m + k, seed=rng, **router_kwargs)
-            self.gate.init_uniform_(slice(0, k * m), gamma / 100, rng)  # S(z) ≈ ½: all experts equal at start
-            self.gate.init_uniform_(slice(k * m, None), 0.05, rng)
-        else:
-            self.gate = Router(d_model, num_experts, seed=rng, **router_kwargs)
-        if gate == "noisy_top_k":  # Shazeer et al. 2017: W_g and W_noise start at zero
-            self.noise = Router(d_model, num_experts, seed=rng, **router_kwargs)
-            for r in (self.gate, self.noise):
-                for p in (r.weight, getattr(r, "task_weight", None), r.bias):
-                    if p is not None:
-                        p.data[...] = 0
-        self.experts = Experts(num_experts, d_model, d_ff, seed=rng, dtype=dtype)
-        self.shared = ModuleList([FeedForward(d_model, d_ff, activation, rng, dtype) for _ in range(num_shared_experts)])
+        self.router = self.noise = None
+        if spec.width is not None:
+            def make_router():
+                return Router(c.d_model, spec.width(c.num_experts, c.k), router=c.router, num_tasks=c.num_tasks,
+                              task_dim=c.task_dim, task_descriptions=c.task_descriptions,
+                              num_description_parts=c.num_description_parts, seed=rng, dtype=dtype)
+
+            self.router = make_router()
+            if spec.noise_router:
+                self.noise = make_router()
+        if spec.init is not None:
+            spec.init(self, rng)
+        self.experts = Experts(c.num_experts, c.d_model, c.d_ff, seed=rng, dtype=dtype)
+        self.shared = ModuleList([FeedForward(c.d_model, c.d_ff, c.activation, rng, dtype)
+                                  for _ in range(c.num_shared_experts)])
         self.aux_losses: dict = {}
         self.last_routing: RoutingStats | None = None
 
+    def named_children(self):
+        # the router's parameters keep the names checkpoints and the API know them by: gate.weight, gate.bias
+        for name, child in super().named_children():
+            yield ("gate" if name == "router" else name), child
+
     @property
-    def router(self):
-        return self.gate.router if self.gate is not None else "token"
+    def gate(self):
+        """The router, under the name its parameters carry (`moe.gate.weight`); prefer `moe.router`."""
+        return self.router
+
+    @property
+    def num_experts(self):
+        return self.config.num_experts
+
+    @property
+    def k(self):
+        return self.config.k
 
     def extra_repr(self):
-        return (f"gate={self.gate_name!r}, router={self.router!r}, E={self.num_experts}, k={self.k}, "
-                f"capacity_factor={self.capacity_factor}")
+        c = self.config
+        return f"gate={c.gate!r}, router={c.router!r}, E={c.num_experts}, k={c.k}, capacity_factor={c.capacity_factor}"
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, x, task_ids=None, token_ids=None):
+        c, spec = self.config, self.spec
         x = x if isinstance(x, Tensor) else Tensor(x)
-        if x.shape[-1] != self.d_model or x.ndim not in (2, 3):
-            raise ValueError(f"MoE: x must be (N, {self.d_model}) or (B, T, {self.d_model}), got {x.shape}")
+        if x.shape[-1] != c.d_model or x.ndim not in (2, 3):
+            raise ValueError(f"MoE: x must be (N, {c.d_model}) or (B, T, {c.d_model}), got {x.shape}")
         lead = x.shape[:-1]
-        tokens = x.reshape(-1, self.d_model)  # (N, d)
-        task_tok = self._token_task_ids(task_ids, lead)
-        routing = self._route(tokens, task_tok, token_ids, lead)
+        tokens = x.reshape(-1, c.d_model)  # (N, d)
+        task_tok = self._token_task_ids(task_ids, lead)  # (N,) or None
+        routing = self._route(tokens, task_tok, token_ids)
 
-        chosen = np.ones(routing.expert_idx.shape, bool) if routing.keep is None else routing.keep
+        chosen = np.ones(routing.expert_idx.shape, bool) if routing.keep is None else routing.keep  # (N, k_slots)
         keep = chosen
-        if self.capacity_factor is not None and self.gate_name != "expert_choice":
-            C = dispatch.capacity(self.capacity_factor, tokens.shape[0], self.k, self.num_experts)
-            priority = routing.weights.data if self.priority == "weight" else None
-            keep = self._backend().capacity_keep(routing.expert_idx, self.num_experts, C, priority, chosen)
-        y, plan = sparse_mixture(tokens, routing.expert_idx, routing.weights, keep, self.experts, self.num_experts,
-                                 self.activation)
+        if c.capacity_factor is not None and spec.capacity == "drop":
+            C = reference.capacity(c.capacity_factor, tokens.shape[0], c.k, c.num_experts)
+            priority = routing.weights.data if c.priority == "weight" else None
+            keep = backends.backend_module().capacity_keep(routing.expert_idx, c.num_experts, C, priority, chosen)
+        y, plan = sparse_mixture(tokens, routing.expert_idx, routing.weights, keep, self.experts, c.num_experts,
+                                 c.activation)  # (N, d)
         for ffn in self.shared:
             y = y + ffn(tokens)
 
         self.aux_losses = self._aux_losses(routing, chosen)
-        E = self.num_experts
+        E = c.num_experts
         self.last_routing = RoutingStats(
             routing.expert_idx, np.asarray(routing.weights.numpy()), keep, chosen, np.asarray(plan.counts),
             np.bincount(routing.expert_idx[chosen & ~keep], minlength=E), task_tok, E)
         return y.reshape(*lead, -1)
 
-    def _backend(self):
-        from .. import backends
-
-        return backends.backend_module()
+    def _route(self, tokens, task_tok, token_ids) -> gates.Routing:
+        """The gate's routing of tokens (N, d): router output h, then GATE_SPECS[gate].route."""
+        c, spec = self.config, self.spec
+        g = GateInputs(c.k, c.num_experts, self.training, c.gamma, c.renormalize, noise_rng=self.noise_rng,
+                       dtype=tokens.dtype)
+        if spec.noise_router:
+            g.noise_logits = self.noise(tokens, task_tok)
+        if spec.capacity == "choose":
+            g.capacity = reference.capacity(c.capacity_factor or 1.0, tokens.shape[0], c.k, c.num_experts)
+        if self.router is None:  # routes by id (hash)
+            ids = token_ids if token_ids is not None else task_tok
+            if ids is None:
+                raise ValueError(f"MoE: gate={c.gate!r} routes by id: pass token_ids= (vocabulary ids) or task_ids=")
+            g.ids = np.asarray(ids).reshape(-1)
+            if g.ids.size != tokens.shape[0]:
+                raise ValueError(f"MoE: token_ids must have one id per token ({tokens.shape[0]}), got {g.ids.size}")
+            return spec.route(None, g)
+        return spec.route(self.router(tokens, task_tok), g)
 
     def _token_task_ids(self, task_ids, lead):
         """Task id per token (N,), from (N,) or (B,) ids; validated when the router needs them."""
-        needs = self.gate is not None and self.gate.needs_tasks  # (a hash layer checks its ids in _route)
+        needs = self.router is not None and self.router.needs_tasks  # (a hash layer checks its ids in _route)
         if task_ids is None:
             if needs:
-                raise ValueError(f"MoE: router={self.router!r} needs task_ids of shape {lead[:1]}")
+                raise ValueError(f"MoE: router={self.config.router!r} needs task_ids of shape {lead[:1]}")
             return None
         ids = np.asarray(task_ids.data if isinstance(task_ids, Tensor) else task_ids)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"MoE: task_ids must be integers, got dtype {ids.dtype}")
         if ids.shape != lead[:1] and ids.shape != lead:
             raise ValueError(f"MoE: task_ids must have shape {lead[:1]} (one per example), got {ids.shape}")
-        limit = self._num_task_ids()
+        emb = getattr(self.router, "task_embedding", None)
+        limit = emb.num_tasks if emb is not None else self.config.num_tasks  # (a composed embedding can grow)
         if ids.size and limit is not None and (ids.min() < 0 or ids.max() >= limit):
             raise ValueError(f"MoE: task_ids must lie in [0, {limit}), got [{ids.min()}, {ids.max()}]")
         return np.broadcast_to(ids.reshape(ids.shape + (1,) * (len(lead) - ids.ndim)), lead).reshape(-1)
 
-    def _num_task_ids(self):
-        emb = getattr(self.gate, "task_embedding", None)
-        return emb.num_tasks if emb is not None else self.num_tasks
-
-    def _route(self, tokens, task_tok, token_ids, lead) -> gates.Routing:
-        g = self.gate_name
-        if g == "hash":
-            ids = token_ids if token_ids is not None else task_tok
-            if ids is None:
-                raise ValueError("MoE: gate='hash' routes by id: pass token_ids= (vocabulary ids) or task_ids=")
-            ids = np.asarray(ids).reshape(-1)
-            if ids.size != tokens.shape[0]:
-                raise ValueError(f"MoE: token_ids must have one id per token ({tokens.shape[0]}), got {ids.size}")
-            return gates.hash_gate(ids, self.num_experts, self.k, dtype=tokens.dtype)
-        h = self.gate(tokens, task_tok)
-        if g == "softmax":
-            return gates.softmax_gate(h)
-        if g == "top_k":
-            return gates.top_k_gate(h, self.k, self.renormalize)
-        if g == "noisy_top_k":
-            return gates.noisy_top_k_gate(h, self.noise(tokens, task_tok), self.k, self.noise_rng, self.training,
-                                          self.renormalize)
-        if g == "dselect_k":
-            return gates.dselect_k_gate(h, self.num_experts, self.k, self.gamma, self.training)
-        C = dispatch.capacity(self.capacity_factor or 1.0, tokens.shape[0], self.k, self.num_experts)
-        return gates.expert_choice_gate(h, C)
-
     def _aux_losses(self, routing: gates.Routing, chosen) -> dict:
+        """The gate's own losses (routing.aux), then the ones the spec lists, computed from the routing."""
         out = dict(routing.aux)
-        if routing.probs is not None and self.gate_name not in ("expert_choice", "softmax"):
+        if "load_balance" in self.spec.aux:
             out["load_balance"] = L.load_balance(routing.probs, routing.expert_idx, chosen)
-        if routing.logits is not None:
+        if "z_loss" in self.spec.aux:
             out["z_loss"] = L.z_loss(routing.logits)
         return out
 
     def aux_loss(self):
         """Σ weight · loss over this layer's auxiliary losses (0.0 if it has none)."""
         return L.weighted_total(self.aux_losses, self.aux_weights)
-
-
-class MultiGateMoE(Module):
-    """Shared experts, one gate and one tower per task; every example is scored on every task.
-
-    MMoE (Ma et al. 2018) with gate="softmax"; Top-k; DSelect-k (Hazimeh et al. 2021) static (per_example=False:
-    each task's z (k, m) and α (k) are free parameters) or per-example (one Dense(k·m + k) per task). Experts are
-    one-hidden-layer MLPs d_in -> d_hidden -> d_expert; towers Linear(d_expert, tower_hidden) -> ReLU ->
-    Linear(tower_hidden, out_dim). Only (example, expert) pairs with a nonzero weight in some task are computed.
-    """
-
-    def __init__(self, d_in, d_expert, num_experts, num_tasks, gate="softmax", k=2, per_example=False, seed=0, *,
-                 d_hidden=None, tower_hidden=8, out_dim=1, activation="relu", gamma=1.0, aux_weights=None,
-                 dtype=np.float32):
-        if gate not in ("softmax", "top_k", "dselect_k"):
-            raise ValueError(f"MultiGateMoE: gate must be 'softmax', 'top_k' or 'dselect_k', got {gate!r}")
-        k = num_experts if gate == "softmax" else k
-        _check_k("MultiGateMoE", k, num_experts)
-        self.config = init_config(d_in=d_in, d_expert=d_expert, num_experts=num_experts, num_tasks=num_tasks,
-                                  gate=gate, k=k, per_example=per_example, seed=seed, d_hidden=d_hidden,
-                                  tower_hidden=tower_hidden, out_dim=out_dim, activation=activation, gamma=gamma,
-                                  aux_weights=aux_weights, dtype=dtype)
-        rng = make_rng(seed)
-        self.d_in, self.num_experts, self.num_tasks, self.k = d_in, num_experts, num_tasks, k
-        self.gate_name, self.per_example, self.gamma, self.activation = gate, per_example, gamma, activation
-        self.aux_weights = L.aux_weights(aux_weights, type(self).__name__)
-        self.experts = Experts(num_experts, d_in, d_hidden or d_expert, d_expert, seed=rng, dtype=dtype)
-        m = gates.binary_codes(num_experts).shape[1]
-        if gate == "dselect_k" and not per_example:
-            self.z = Parameter(rng.uniform(-gamma / 100, gamma / 100, (num_tasks, k, m)).astype(dtype))
-            self.alpha = Parameter(rng.uniform(-0.05, 0.05, (num_tasks, k)).astype(dtype))
-        else:
-            n = k * m + k if gate == "dselect_k" else num_experts
-            self.gates = ModuleList([Linear(d_in, n, seed=rng, dtype=dtype) for _ in range(num_tasks)])
-            if gate == "dselect_k":  # official init: z part U(±γ/100) (S ≈ ½), α part U(±0.05)
-                for p in (param for lin in self.gates for param in (lin.weight, lin.bias)):
-                    p.data[..., : k * m] = rng.uniform(-gamma / 100, gamma / 100, p.data[..., : k * m].shape)
-                    p.data[..., k * m :] = rng.uniform(-0.05, 0.05, p.data[..., k * m :].shape)
-        self.towers = ModuleList([Tower(d_expert, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
-        self.aux_losses: dict = {}
-        self.last_weights: list = []
-
-    def task_weights(self, x):
-        """Each task's dense gate weights (N, E) and the gates' auxiliary losses."""
-        N, aux, out = x.shape[0], [], []
-        for t in range(self.num_tasks):
-            if self.gate_name == "dselect_k" and not self.per_example:
-                q, a = gates.dselect_k_weights(self.z[t], self.alpha[t], self.num_experts, self.gamma, self.training)
-                q = q.reshape(1, -1) * Tensor(np.ones((N, 1), q.dtype))  # (N, E): the same for every example
-            else:
-                h = self.gates[t](x)
-                if self.gate_name == "dselect_k":
-                    r = gates.dselect_k_gate(h, self.num_experts, self.k, self.gamma, self.training)
-                else:
-                    r = gates.softmax_gate(h) if self.gate_name == "softmax" else gates.top_k_gate(h, self.k)
-                q, a = gates._scatter_rows(r.weights, r.expert_idx, self.num_experts), r.aux
-            out.append(q)
-            aux.append(a)
-        return out, L.average_over_layers(aux)
-
-    def forward(self, x):
-        x = x if isinstance(x, Tensor) else Tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.d_in:
-            raise ValueError(f"MultiGateMoE: x must be (N, {self.d_in}), got {x.shape}")
-        N, E = x.shape[0], self.num_experts
-        weights, self.aux_losses = self.task_weights(x)
-        # compute each (example, expert) pair once, if any task gives it weight: slot j is expert j
-        needed = np.zeros((N, E), bool)
-        for q in weights:
-            needed |= q.data != 0
-        idx = np.broadcast_to(np.arange(E), (N, E)).copy()
-        plan = plan_routing(idx, E, needed)
-        xs = x.astype(self.experts.w1.dtype)
-        out = grouped_ffn(gather_rows(xs, plan), plan, self.experts.w1, self.experts.b1, self.experts.w2,
-                          self.experts.b2, self.activation)
-        self.last_weights = [np.asarray(q.numpy()) for q in weights]
-        return [tower(combine(out, q, plan)) for tower, q in zip(self.towers, weights)]
-
-    def aux_loss(self):
-        return L.weighted_total(self.aux_losses, self.aux_weights)
-
-    def selected_experts(self, threshold=0.0):
-        """Per task, the experts with mean weight above `threshold` in the last forward (for cluster recovery)."""
-        return [set(np.flatnonzero(q.mean(axis=0) > threshold)) for q in self.last_weights]
-
-
-class Tower(Module):
-    """One task's tower: Linear(d_in, hidden) -> ReLU -> Linear(hidden, out_dim) (MMoE, Ma et al. 2018)."""
-
-    def __init__(self, d_in, hidden, out_dim, rng, dtype):
-        self.fc1 = Linear(d_in, hidden, seed=rng, dtype=dtype)
-        self.fc2 = Linear(hidden, out_dim, seed=rng, dtype=dtype)
-
-    def forward(self, x):
-        return self.fc2(self.fc1(x).relu())

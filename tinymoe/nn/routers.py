@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .nn.module import Module, Parameter, make_rng
-from .tensor import Tensor, concatenate
+from ..tensor import Tensor, concatenate
+from .module import Module, Parameter, make_rng
 
 ROUTERS = ("token", "concat", "add", "task", "multi_gate")
 TASK_ROUTERS = ("concat", "add", "task", "multi_gate")
@@ -78,7 +78,7 @@ class Router(Module):
         if router in TASK_ROUTERS and not num_tasks:
             raise ValueError(f"router={router!r} routes by task: pass num_tasks (the number of task ids)")
         rng = make_rng(seed)
-        self.router, self.d_model, self.num_outputs = router, d_model, num_outputs
+        self.kind, self.d_model, self.num_outputs = router, d_model, num_outputs
         task_dim = task_dim or d_model
         scale = init_scale if init_scale is not None else 1 / np.sqrt(d_model)
 
@@ -101,28 +101,26 @@ class Router(Module):
 
     @property
     def needs_tasks(self):
-        return self.router in TASK_ROUTERS
+        return self.kind in TASK_ROUTERS
 
     def forward(self, x, task_ids=None):
-        if self.router == "token":
+        if self.kind == "token":
             h = x @ self.weight
-        elif self.router == "multi_gate":
+        elif self.kind == "multi_gate":
             h = (x.reshape(x.shape[0], 1, -1) @ self.weight[task_ids]).reshape(x.shape[0], -1)  # (T, n)
         else:
             e = self.task_embedding(task_ids)  # (T, d_task)
-            if self.router == "concat":
+            if self.kind == "concat":
                 h = concatenate([x, e.astype(x.dtype)], axis=-1) @ self.weight
-            elif self.router == "add":
+            elif self.kind == "add":
                 h = x @ self.weight + e @ self.task_weight
             else:  # task-level: h depends on the task only
                 h = e @ self.weight
         if self.bias is not None:
-            h = h + (self.bias[task_ids] if self.router == "multi_gate" else self.bias)
+            h = h + (self.bias[task_ids] if self.kind == "multi_gate" else self.bias)
         return h
 
-    def init_uniform_(self, columns, bound, rng):
-        """Re-initialise output columns (a slice) of every weight and bias to U(−bound, bound) (DSelect-k's init)."""
-        for p in (self.weight, getattr(self, "task_weight", None), self.bias):
-            if p is not None:
-                block = p.data[..., columns]
-                p.data[..., columns] = rng.uniform(-bound, bound, block.shape).astype(p.dtype)
+    def linear_parameters(self):
+        """The parameters of the map to h (weight, task_weight, bias), not the task embedding: what a gate's own
+        initialisation rewrites (noisy top-k's zeros, DSelect-k's small uniform)."""
+        return [p for p in (self.weight, getattr(self, "task_weight", None), self.bias) if p is not None]
