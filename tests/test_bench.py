@@ -1,11 +1,12 @@
-"""The benchmark harness runs end to end and its physics helpers compute what PERF.md says. Never asserts speed."""
+"""The benchmark harness (benchmarks/moe_layer.py) runs end to end through `tinymoe bench`, and its physics helpers
+compute what docs/design.md §6 says. Never asserts speed."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from tinymoe import bench
+from benchmarks import moe_layer as bench
 
 RATIO_KEYS = ["ratio_fwd", "ratio_fwdbwd", "tbound_ratio_fwd", "tbound_ratio_fwdbwd", "bound_ratio_fwd",
               "bound_ratio_fwdbwd", "dispatch_share_fwd", "dispatch_share_fwdbwd", "vs_numpy_fwd", "vs_numpy_fwdbwd"]
@@ -15,8 +16,11 @@ TIME_KEYS = ["moe_fwd_s", "moe_fwdbwd_s", "dense_fwd_s", "dense_fwdbwd_s", "t_bo
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
+    """One quick run through the `tinymoe bench` command, which runs benchmarks/moe_layer.py."""
+    from tinymoe.cli import main as cli_main
+
     path = tmp_path_factory.mktemp("bench") / "out.json"
-    rc = bench.main(["--shapes", "quick", "--repeat", "1", "--json", str(path), "--no-torch", "--backend", "numpy",
+    rc = cli_main(["bench", "--shapes", "quick", "--repeat", "1", "--json", str(path), "--no-torch", "--backend", "numpy",
                      "--settle", "0"])
     return rc, json.loads(path.read_text())
 

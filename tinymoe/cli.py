@@ -65,6 +65,21 @@ def _routes(args) -> int:
     return 0
 
 
+def _bench(argv) -> int:
+    """Run the benchmark harness, benchmarks/moe_layer.py: it lives beside the package in a source checkout (it
+    holds a PyTorch baseline and machine sampling, which a reader of the library does not need)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "benchmarks", "moe_layer.py")):
+        print("tinymoe bench: error: the benchmark harness is in the benchmarks/ folder of a source checkout; clone "
+              "the repository, pip install -e '.[numba,test]' there, then run make bench", file=sys.stderr)
+        return 2
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.moe_layer import main as bench_main
+
+    return bench_main(argv)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tinymoe", description="Mixture-of-Experts from scratch: train, inspect, "
                                      "benchmark.")
@@ -97,9 +112,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("bench", "experiment"):  # they parse their own arguments
         if argv[0] == "bench":
-            from .bench import main as bench_main
-
-            return bench_main(argv[1:])
+            return _bench(argv[1:])
         from .experiments import main as experiment_main
 
         return experiment_main(argv[1:])

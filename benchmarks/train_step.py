@@ -1,6 +1,6 @@
 """End-to-end training speed per backend: `tinymoe bench --train`.
 
-The hot-path benchmark (tinymoe.bench) times the MoE primitives alone; this one times whole optimizer steps of a
+The hot-path benchmark (benchmarks/moe_layer.py) times the MoE primitives alone; this one times whole optimizer steps of a
 MoETransformer (embeddings, attention, router, aux losses, autodiff, AdamW) on generated multi-task sequences, so
 it shows how much of a real step the backend accelerates. Each model is built once per backend from the same
 seed and run inside the backend's training session, as `fit` does (numba: NumPy's BLAS on one thread); a few
@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from . import backends
-from .data import sequence_tasks
-from .model import ModelConfig, MoETransformer
-from .train import OptimConfig, make_optimizer, task_loss
+from tinymoe import backends
+from tinymoe.data import sequence_tasks
+from tinymoe.model import ModelConfig, MoETransformer
+from tinymoe.train import OptimConfig, make_optimizer, task_loss
 
 TRAIN_SHAPES = {
     "demo": dict(d_model=32, n_heads=4, d_ff=64, seq_len=8, batch=64),
