@@ -19,7 +19,8 @@ import os
 PRIMITIVES = ("capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
               "combine_backward")
 
-_MODULES = {"numpy": "tinymoe.dispatch", "numba": "tinymoe.backends.numba"}
+NAMES = ("numpy", "numba", "cupy")  # every backend tinymoe knows (the one list of names), the reference first
+_MODULES = {"numpy": "tinymoe.dispatch", "numba": "tinymoe.backends.numba"}  # the ones implemented in this version
 _INSTALL = {"numba": "pip install 'tinymoe[numba]' (numba and scipy)"}
 _loaded: dict = {}
 _current: str | None = None
@@ -38,8 +39,8 @@ def _why_unavailable(name):
     if name == "cupy":
         return ("the CuPy GPU backend is not part of this version yet; use 'numba' on the CPU "
                 "(once it lands: pip install 'tinymoe[cuda12]' or 'tinymoe[cuda13]' on a machine with an NVIDIA GPU)")
-    if name not in _MODULES and name != "cupy":
-        return f"unknown backend {name!r}; known backends are {sorted(set(_MODULES) | {'cupy'})}"
+    if name not in NAMES:
+        return f"unknown backend {name!r}; known backends are {list(NAMES)}"
     return None
 
 
@@ -50,7 +51,7 @@ def available() -> list[str]:
 
 def unavailable() -> dict[str, str]:
     """Backend name -> why it cannot run here."""
-    return {name: why for name in (*_MODULES, "cupy") if (why := _why_unavailable(name)) is not None}
+    return {name: why for name in NAMES if (why := _why_unavailable(name)) is not None}
 
 
 def load(name):

@@ -27,6 +27,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 
+from . import backends
 from .model import ModelConfig
 from .train import OptimConfig
 
@@ -200,8 +201,8 @@ def run_config_from_dict(values: dict) -> RunConfig:
         raise ConfigError(f"[model] must be a table of key = value, got {model!r}")
     top = from_dict(RunConfig, values, "run")
     cfg = dataclasses.replace(top, model=dict(model), **parsed)
-    if cfg.backend not in ("auto", "numpy", "numba", "cupy"):
-        raise ConfigError(f"backend must be auto, numpy, numba or cupy, got {cfg.backend!r}")
+    if cfg.backend not in ("auto", *backends.NAMES):
+        raise ConfigError(f"backend must be auto or one of {', '.join(backends.NAMES)}, got {cfg.backend!r}")
     model_config(cfg, num_tasks=1, vocab_size=cfg.data.vocab_size)  # validate the model section now
     return cfg
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .tensor import array_module
+from .arrays import array_module
 
 
 class Optimizer:

@@ -14,6 +14,9 @@ import numbers
 
 import numpy as np
 
+from . import activations as A
+from .arrays import array_module
+
 _grad_enabled = True
 
 
@@ -30,16 +33,6 @@ def no_grad():
 
 def is_grad_enabled() -> bool:
     return _grad_enabled
-
-
-def array_module(*arrays):
-    """NumPy, or CuPy when any argument is a CuPy array (CuPy is never imported otherwise)."""
-    for a in arrays:
-        if type(a).__module__.startswith("cupy"):
-            import cupy
-
-            return cupy
-    return np
 
 
 def _as_array(data, dtype=None):
@@ -303,11 +296,7 @@ class Tensor:
         return out
 
     def sigmoid(self):
-        xp = self.xp
-        # stable in both tails: exp of a non-positive number only
-        e = xp.exp(-xp.abs(self.data))
-        data = xp.where(self.data >= 0, 1 / (1 + e), e / (1 + e)).astype(self.dtype)
-        out = self._make(data, (self,), "sigmoid")
+        out = self._make(A.sigmoid(self.data), (self,), "sigmoid")  # stable in both tails
         out._backward = lambda g: self._accumulate(g * out.data * (1 - out.data))
         return out
 
@@ -322,8 +311,8 @@ class Tensor:
         return out
 
     def relu(self):
-        out = self._make(self.xp.maximum(self.data, 0), (self,), "relu")
-        out._backward = lambda g: self._accumulate(g * (self.data > 0))
+        out = self._make(A.relu(self.data), (self,), "relu")
+        out._backward = lambda g: self._accumulate(g * A.relu_grad(self.data))
         return out
 
     def clip(self, low=None, high=None):

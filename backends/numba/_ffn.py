@@ -26,7 +26,10 @@ _GELU_A = 0.044715
 
 
 # ---------------------------------------------------------------------------------------------------- activations
-# Scalar float64 forms, written without tanh:
+# Scalar twins of tinymoe.activations (the one definition of each): _sigmoid mirrors sigmoid, _gelu gelu, _gelu_grad
+# gelu_grad, _silu silu, _silu_grad silu_grad, _relu relu, _relu_grad relu_grad; tests/test_numba_twins.py checks
+# each against its reference on drawn values. They exist because LLVM vectorises only branch- and call-free scalar
+# code. Scalar float64 forms, written without tanh:
 #   gelu(v) = ½v(1 + tanh z) = v·σ(2z) with z = √(2/π)(v + 0.044715v³), since 1 + tanh z = 2σ(2z);
 #   gelu'(v) = σ(2z) + 2√(2/π)·v·σ(2z)(1 − σ(2z))(1 + 3·0.044715v²), since 1 − tanh² z = 4σ(2z)(1 − σ(2z)).
 # σ(u) is evaluated from e = exp(−|u|) (never overflows): q = 1/(1 + e), σ(u) = q or e·q, σ(u)(1 − σ(u)) = e·q².
