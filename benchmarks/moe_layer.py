@@ -318,7 +318,7 @@ class Layer:
 
     def __init__(self, name, shape: Shape, p, activation):
         from tinymoe import nn
-        from tinymoe.tensor import Tensor
+        from tinymoe.engine import Tensor
 
         self.name, self.Tensor = name, Tensor
         self.moe = nn.MoE(shape.d, shape.f, shape.E, gate="top_k", k=shape.k, activation=activation, seed=0)

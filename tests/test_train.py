@@ -23,7 +23,7 @@ from tinymoe.config import (DEMO, ConfigError, DataConfig, MultiGateConfig, appl
 from tinymoe.experiments.common import SharedBottom
 from tinymoe.nn import Module, MultiGateMoE
 from tinymoe.runs import build_data, build_model, format_routing, load_run, routing_tables, train_run
-from tinymoe.tensor import Tensor
+from tinymoe.engine import Tensor
 from tinymoe.train import OptimConfig, TrainingDiverged, evaluate, fit
 
 

@@ -266,7 +266,7 @@ def save(path, model, optimizer=None, train_state=None, extra_tensors=None):
     """
     import safetensors.numpy
 
-    from . import __version__
+    from .version import __version__
 
     path = os.fspath(path)
     name = _model_name(model)

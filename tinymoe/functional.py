@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 from . import activations as A
-from .tensor import Tensor, concatenate, maximum, stack, tensor, where  # noqa: F401  (re-exported)
+from .engine import Tensor, concatenate, maximum, stack, tensor, where  # noqa: F401  (re-exported)
 
 
 def _elementwise(x, forward, derivative, name):

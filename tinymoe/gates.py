@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import functional as F
-from .tensor import Tensor, where
+from .engine import Tensor, where
 
 GATES = ("softmax", "top_k", "noisy_top_k", "dselect_k", "expert_choice", "hash")
 

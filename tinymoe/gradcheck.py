@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tensor import Tensor, no_grad
+from .engine import Tensor, no_grad
 
 __all__ = ["check_grad", "check_vjp"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import functional as F
-from .tensor import Tensor
+from .engine import Tensor
 
 DEFAULT_WEIGHTS = {"load_balance": 1e-2, "importance_load": 1e-2, "z_loss": 1e-3, "dselect_entropy": 1e-6}
 

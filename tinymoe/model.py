@@ -14,7 +14,7 @@ import numpy as np
 from . import losses as L
 from .nn import Embedding, LayerNorm, Linear, MoE, Module, ModuleList, TaskEmbedding, TransformerBlock
 from .nn.module import Parameter, make_rng
-from .tensor import Tensor
+from .engine import Tensor
 
 
 @dataclass

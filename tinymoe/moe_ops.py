@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backends
-from .tensor import Tensor
+from .engine import Tensor
 
 
 @dataclass

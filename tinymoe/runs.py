@@ -19,7 +19,7 @@ import numpy as np
 
 from . import backends, data as D
 from .config import ConfigError, RunConfig, model_config, run_config_from_dict
-from .tensor import no_grad
+from .engine import no_grad
 
 
 def _seed(own, run_seed):

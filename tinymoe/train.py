@@ -30,7 +30,7 @@ from . import backends
 from . import functional as F
 from . import optim as O
 from .data import SequenceTasks, TabularTasks
-from .tensor import Tensor, no_grad
+from .engine import Tensor, no_grad
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")

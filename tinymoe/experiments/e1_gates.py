@@ -15,7 +15,7 @@ import numpy as np
 
 from ..data import clustered_synthetic, mmoe_synthetic, train_val_test_split
 from ..nn import MultiGateMoE
-from ..tensor import no_grad
+from ..engine import no_grad
 from .common import (SharedBottom, Timer, adjusted_rand_index, fastest_backend, fmt, markdown_table, mean_std,
                      partition_from_sets, preset_config, run_dir, write_results)
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import functional as F
 from .layers import Dropout, FeedForward, LayerNorm, Linear
-from ..tensor import Tensor
+from ..engine import Tensor
 from .module import Module, make_rng
 
 _MASKED = -1e9  # a large finite number, so a fully masked row gives a uniform softmax instead of NaN

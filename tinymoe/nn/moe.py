@@ -28,7 +28,7 @@ from .. import backends, gates
 from .. import dispatch as reference
 from .. import losses as L
 from ..moe_ops import sparse_mixture
-from ..tensor import Tensor
+from ..engine import Tensor
 from .layers import FeedForward
 from .module import Module, ModuleList, Parameter, make_rng
 from .routers import Router

@@ -14,7 +14,7 @@ import numpy as np
 from .. import gates
 from .. import losses as L
 from ..moe_ops import combine, gather, grouped_ffn, plan_routing
-from ..tensor import Tensor
+from ..engine import Tensor
 from .layers import Linear
 from .module import Module, ModuleList, Parameter, init_config, make_rng
 from .moe import GATE_SPECS, Experts, GateInputs, check_k, init_dselect_k_

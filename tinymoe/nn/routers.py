@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tensor import Tensor, concatenate
+from ..engine import Tensor, concatenate
 from .module import Module, Parameter, make_rng
 
 ROUTERS = ("token", "concat", "add", "task", "multi_gate")
