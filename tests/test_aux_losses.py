@@ -1,4 +1,4 @@
-"""Auxiliary losses (REFERENCE.md §3) against hand computations.
+"""Auxiliary losses (docs/design.md §5) against hand computations.
 
 | loss            | formula checked here                                   | known values                          |
 |-----------------|--------------------------------------------------------|---------------------------------------|

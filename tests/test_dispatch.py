@@ -1,4 +1,4 @@
-"""The NumPy reference of the MoE hot path (tinymoe.dispatch) against naive loops written here from REFERENCE.md §2.
+"""The NumPy reference of the MoE hot path (tinymoe.dispatch) against naive loops written here from docs/design.md §3-4.
 
 Each primitive is compared with a loop that follows the spec word for word: capacity C = ⌈c·T·k/E⌉, served
 slot-major (all j = 0 choices, then j = 1, ...) and in token order within a slot, or highest weight first with

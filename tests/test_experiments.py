@@ -1,4 +1,4 @@
-"""The experiments of REFERENCE.md §4: each tiny preset runs and writes a table with the expected rows and
+"""The experiments of docs/design.md §7: each tiny preset runs and writes a table with the expected rows and
 columns and a plot; the adjusted Rand index matches hand-computed cases; SharedBottom has MultiGateMoE's call
 convention."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gates and routers (REFERENCE.md §1) against independent definitions written in this file.
+"""Gates and routers (docs/design.md §1-2) against independent definitions written in this file.
 
 Every reference below is plain NumPy / Python written from the spec's formulas, never a call back into the gate
 under test. Tolerances: float32 layers to 1e-5 (relative and absolute), float64 formulas to 1e-12; discrete
@@ -55,7 +55,7 @@ def dense(weights, idx, E):
 
 
 def hand_S(t, gamma):
-    """DSelect-k's smooth step, REFERENCE.md §1."""
+    """DSelect-k's smooth step (Hazimeh et al. 2021 eq. 2; docs/design.md §2)."""
     if t <= -gamma / 2:
         return 0.0
     if t >= gamma / 2:

@@ -1,4 +1,4 @@
-"""The MoE layers against REFERENCE.md §2: invariants as hypothesis properties, and float64 gradients.
+"""The MoE layers against docs/design.md §3-4: invariants as hypothesis properties, and float64 gradients.
 
 References are written here in NumPy from the spec (top-k by hand, the capacity queue by hand, each expert's FFN
 by hand with activation="relu"), never by calling into the layer's internals. Layers under an exact comparison
@@ -55,7 +55,7 @@ def hand_top_k(row, k):
 
 
 def hand_moe_top_k(moe, x, k, capacity_factor=None, priority="slot"):
-    """y_t = Σ_j w_{t,j} FFN_{e_{t,j}}(x_t) over the assignments that fit (REFERENCE.md §1-2), by hand."""
+    """y_t = Σ_j w_{t,j} FFN_{e_{t,j}}(x_t) over the assignments that fit (docs/design.md §2-4), by hand."""
     T, E = x.shape[0], moe.num_experts
     h = token_logits(moe, x)
     idx = np.array([hand_top_k(h[t], k) for t in range(T)])

@@ -4,7 +4,7 @@
   sequence of digit tokens, task 1 reverses it. Bar: per-position accuracy ≥ 0.95 for each task on held-out
   sequences after 200 Adam steps (it reaches ~0.99 there), and the training loss falls by at least 5×.
 * MultiGateMoE (softmax = MMoE, and static DSelect-k) fits the MMoE synthetic regression (Ma et al. 2018,
-  REFERENCE.md §4, generated inline with d = 8, m = 3, ρ = 0.5, noise N(0, 0.01)). Bar: held-out MSE of each task
+  docs/design.md §7, generated inline with d = 8, m = 3, ρ = 0.5, noise N(0, 0.01)). Bar: held-out MSE of each task
   below 10% of that task's variance (the noise floor is 0.01, the variance ≈ 0.35; it reaches ≈ 0.015).
 """
 import numpy as np

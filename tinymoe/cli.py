@@ -4,7 +4,7 @@
     tinymoe eval RUN_DIR                                      # per-task test metrics of a finished run
     tinymoe routes RUN_DIR                                    # task x expert routing heatmap, per-layer load (PNG)
     tinymoe bench [--backend numba] [--json PATH]             # MoE layer vs dense-equivalent FFN, per backend
-    tinymoe experiment NAME [--preset small]                  # the experiments of REFERENCE.md §4 (e1 .. e4)
+    tinymoe experiment NAME [--preset small]                  # the experiments of docs/design.md §7 (e1 .. e4)
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("bench", help="benchmark the MoE hot path per backend", add_help=False)
     p.set_defaults(fn=None)
-    p = sub.add_parser("experiment", help="run an experiment of REFERENCE.md §4 (e1 .. e4)", add_help=False)
+    p = sub.add_parser("experiment", help="run an experiment of docs/design.md §7 (e1 .. e4)", add_help=False)
     p.set_defaults(fn=None)
 
     argv = sys.argv[1:] if argv is None else list(argv)

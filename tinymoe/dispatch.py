@@ -11,7 +11,7 @@ a `keep` mask (capacity drops, or zero weights skipped for sparse execution). Th
 and backward runs each step's adjoint in reverse (`*_backward`). `tinymoe.backends.numba` (and later CuPy)
 implement these same functions with the same signatures; gradients are written once, in `tinymoe.moe_ops`.
 
-Semantics (REFERENCE.md §2): capacity C = ⌈c·T·k/E⌉ assignments per expert, served slot-major (all j = 0 choices
+Semantics (docs/design.md §3-4): capacity C = ⌈c·T·k/E⌉ assignments per expert, served slot-major (all j = 0 choices
 first, then j = 1, ...) and in token order within a slot (GShard, Lepikhin et al. 2021 §2.2; Switch, Fedus et
 al. 2022 §2.2), or highest weight first with priority="weight" (batch-prioritised routing, Riquelme et al. 2021).
 Dropped assignments contribute nothing; weights are not renormalised.

@@ -1,6 +1,6 @@
 """Gates: from router outputs to a routing (which experts each token uses, and with what weight).
 
-A gate takes the router's output h (T, ·) — see `tinymoe.routers` for how h depends on the token and the task —
+A gate takes the router's output h (T, ·) — see `tinymoe.nn.routers` for how h depends on the token and the task —
 and returns a `Routing`: for each token t, k_slots pairs (expert_idx[t, j], weights[t, j]) in descending weight,
 and `keep[t, j]` saying whether the pair is computed (False for zero weights: sparse execution). The gradient
 reaches the router through `weights` only; the discrete choice has none.

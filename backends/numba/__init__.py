@@ -3,7 +3,7 @@
     import tinymoe as tm
     tm.set_backend("numba")   # or TINYMOE_BACKEND=numba; loaded only when asked for (tinymoe never imports numba)
 
-Design (the one measured in /work/shared/design/PERF.md, "Designs known to get there"):
+Design (docs/design.md §6, "The CPU design"):
 1. route: counting sort — count per expert, prefix sum into offsets (E + 1,), stable scatter into order (R,) and
    its inverse (T·k,) (-1 where dropped). Equal to the reference's stable argsort, in O(T·k).
 2. gather: prange over rows, xs[r] = x[order[r] // k]; its adjoint sums the k rows of each token (prange over
@@ -22,10 +22,10 @@ pinned to one thread (threadpoolctl), never BLAS threads under or beside numba's
 an expert's rows, where an expert with more than ⌈R / (TILES_PER_THREAD·P)⌉ rows (TILES_PER_THREAD = 2; never less
 than MIN_TILE_ROWS = 128) is cut into row tiles of that size; the tiles are packed onto the threads longest first
 (LPT). So many experts run in parallel, one per thread at a time, and a few large experts (E < 2P, or one expert
-holding most rows) are split across the threads instead of run in turn with multi-threaded BLAS — which PERF.md
-measured 1.3-2.6× slower than the dense layer, and which measured 1.5-14× slower than tiles here: OpenBLAS's
-workers busy-wait after each GEMM, stealing the cores from numba's OpenMP threads. An expert cut into several
-tiles gets its weight gradients as partial sums, added in a fixed order (deterministic for a given P).
+holding most rows) are split across the threads instead of run in turn with multi-threaded BLAS, which is much
+slower (benchmarks/README.md has the measurements): OpenBLAS's workers busy-wait after each GEMM, stealing the
+cores from numba's OpenMP threads. An expert cut into several tiles gets its weight gradients as partial sums,
+added in a fixed order (deterministic for a given P).
 
 Compilation: kernels are compiled on first use (~15-30 s for all of them, both dtypes) and cached on disk (numba
 `cache=True`, in __pycache__ or NUMBA_CACHE_DIR; a warm start loads them in ~0.5 s). Set TINYMOE_NUMBA_CACHE=0 to
@@ -209,8 +209,8 @@ def session():
 
     Between the expert kernels a training step runs NumPy matmuls (attention, router, heads). With several BLAS
     threads, OpenBLAS's workers busy-wait after each of them and take the cores from numba's prange threads in the
-    next expert kernel: a d_model=128, d_ff=512, 8-expert transformer step measured 160 ms with 2 BLAS threads
-    against 82 ms with 1 (and 96 ms on the numpy backend with 2). `tinymoe.train.fit` enters this for you.
+    next expert kernel, which made a training step about twice as slow (benchmarks/README.md). `tinymoe.train.fit`
+    enters this for you.
     """
     return _blas.limit(limits=1, user_api="blas")
 

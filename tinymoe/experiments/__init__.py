@@ -1,4 +1,4 @@
-"""The experiments of REFERENCE.md §4, one small module each, and the `tinymoe experiment` command.
+"""The experiments of docs/design.md §7, one small module each, and the `tinymoe experiment` command.
 
     tinymoe experiment e1 --preset small --seeds 3 --out runs/e1
     python -m tinymoe.experiments e2 --preset tiny
@@ -36,7 +36,7 @@ def run(name, preset="small", seeds=None, out=None, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tinymoe experiment", description="Run one of the experiments of REFERENCE.md §4.")
+    p = argparse.ArgumentParser(prog="tinymoe experiment", description="Run one of the experiments of docs/design.md §7.")
     p.add_argument("name", choices=[*EXPERIMENTS, *EXPERIMENTS.values()], help="which experiment")
     p.add_argument("--preset", default="small", choices=["small", "tiny"], help="small: minutes; tiny: seconds")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
