@@ -1,8 +1,8 @@
 """Benchmark of the MoE hot path against its dense equivalent: `tinymoe bench`, `make bench`, or
 `python -m benchmarks.moe_layer` from the repository root. The model behind the numbers is in docs/design.md §6.
 
-What is timed (docs/design.md §6, the performance model), per backend and shape (T tokens, width d, FFN width f, E experts,
-top-k), float32, one fixed top-k routing drawn once (k distinct experts per token, uniformly: ~T·k/E rows each):
+What is timed, per backend and shape (T tokens, width d, FFN width f, E experts, top-k), float32, one fixed
+top-k routing drawn once (k distinct experts per token, uniformly: ~T·k/E rows each):
 
 * **MoE** — the backend's primitives, as `tinymoe.moe_ops` calls them in a training step:
   forward  = route + gather + expert_ffn + combine,
@@ -619,7 +619,7 @@ def build_parser():
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write the results as a JSON list of dicts to PATH ('-' or no PATH: stdout)")
     parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="full",
-                        help="quick: two small shapes (smoke test); full: the four shapes of docs/design.md §6 and an E sweep")
+                        help="quick: two small shapes (smoke test); full: the four reference shapes and an E sweep")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per contender (default 5; quick: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (JIT compile, page faults)")
     parser.add_argument("--threads", type=int, default=None,

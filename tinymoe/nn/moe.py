@@ -225,7 +225,8 @@ class MoE(Module):
     """
 
     def __init__(self, *args, **kwargs):
-        config = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], MoEConfig) else MoEConfig(*args, **kwargs)
+        given = len(args) == 1 and not kwargs and isinstance(args[0], MoEConfig)
+        config = args[0] if given else MoEConfig(*args, **kwargs)
         rng = make_rng(config.seed)  # an int seed, or a parent module's Generator used as is
         c = self.config = _validated(dataclasses.replace(config))
         spec = self.spec = GATE_SPECS[c.gate]
