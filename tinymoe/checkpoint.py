@@ -22,7 +22,9 @@ A standard safetensors file (any safetensors reader opens it):
   | `model`          | `{"class": <registry name>, "config": <constructor config>, "rng_states": {...}}`        |
   | `optimizer`      | `null` or `{"class", "scalars" (step, lr), "hparams" (constructor kwargs), "param_names"}` |
   | `train_state`    | `null` or the loop's dict (see below)                                                    |
-  | `sha256`         | hex digest of every tensor's name, dtype, shape and bytes: catches corrupted data        |
+  | `sha256`         | hex digest of every tensor's name, dtype, shape and bytes, then of every other header     |
+  |                  | entry (key and value): catches corrupted data and an edited header (format 2; format 1   |
+  |                  | files, whose digest covers the tensors only, still load)                                  |
   | `tinymoe_version`| the version that wrote the file (informational)                                          |
 
 The model is rebuilt from its registry entry (`MODELS`) and config, then the weights are loaded into it; the
@@ -64,7 +66,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FORMAT_NAME = "tinymoe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the sha256 covers the header too (1: tensors only)
 _TAG = "__tinymoe__"  # marks a tagged (non-JSON) value in train_state / hparams
 
 
@@ -86,6 +88,7 @@ class ModelSpec:
     target: str
     get_config: object
     build: object
+    num_parameters: object = None  # config -> the parameter count it builds (or a lower bound); None: unknown
 
     def resolve(self):
         module, _, name = self.target.partition(":")
@@ -110,21 +113,60 @@ def _build_transformer(cls, config):
     return cls(ModelConfig(**config))
 
 
+# Parameter counts from a config, before anything is built: a header asking for more than the file holds is refused
+# instead of allocated (a 1 MB file must not make the loader allocate 4 GB).
+def _transformer_parameters(config):
+    from .config import transformer_parameters
+    from .model import ModelConfig
+
+    return transformer_parameters(ModelConfig(**config))
+
+
+def _moe_parameters(c):
+    """Experts, shared experts and the router(s); a lower bound for the task-aware routers (task tables left out)."""
+    d, f, E, gate, k = c["d_model"], c["d_ff"], c["num_experts"], c.get("gate", "top_k"), c.get("k", 2)
+    m = (E - 1).bit_length()  # ⌈log2 E⌉
+    routers = 0 if gate == "hash" else 2 if gate == "noisy_top_k" else 1
+    return (E + c.get("num_shared_experts", 0)) * (2 * d * f + f + d) + routers * (d + 1) * (
+        k * m + k if gate == "dselect_k" else E)
+
+
+def _multigate_parameters(c):
+    from .config import MultiGateConfig, multigate_parameters
+
+    mc = MultiGateConfig(num_experts=c["num_experts"], d_expert=c["d_expert"], d_hidden=c.get("d_hidden"),
+                         gate=c.get("gate", "softmax"), k=c.get("k", 2), per_example=c.get("per_example", False),
+                         tower_hidden=c.get("tower_hidden", 8))
+    return multigate_parameters(mc, c["d_in"], c["num_tasks"], c.get("out_dim", 1))
+
+
+def _shared_bottom_parameters(c):
+    from .config import MultiGateConfig, multigate_parameters
+
+    mc = MultiGateConfig(family="shared_bottom", d_expert=c["d_out"], d_hidden=c.get("d_hidden"),
+                         tower_hidden=c.get("tower_hidden", 8))
+    return multigate_parameters(mc, c["d_in"], c["num_tasks"], c.get("out_dim", 1))
+
+
 MODELS: dict[str, ModelSpec] = {
-    "tinymoe.MoETransformer": ModelSpec("tinymoe.model:MoETransformer", _dataclass_config, _build_transformer),
-    "tinymoe.nn.MoE": ModelSpec("tinymoe.nn.moe:MoE", _dict_config, _build_from_kwargs),
-    "tinymoe.nn.MultiGateMoE": ModelSpec("tinymoe.nn.moe:MultiGateMoE", _dict_config, _build_from_kwargs),
+    "tinymoe.MoETransformer": ModelSpec("tinymoe.model:MoETransformer", _dataclass_config, _build_transformer,
+                                        _transformer_parameters),
+    "tinymoe.nn.MoE": ModelSpec("tinymoe.nn.moe:MoE", _dict_config, _build_from_kwargs, _moe_parameters),
+    "tinymoe.nn.MultiGateMoE": ModelSpec("tinymoe.nn.moe:MultiGateMoE", _dict_config, _build_from_kwargs,
+                                         _multigate_parameters),
     "tinymoe.experiments.SharedBottom": ModelSpec("tinymoe.experiments.common:SharedBottom", _dict_config,
-                                                  _build_from_kwargs),
+                                                  _build_from_kwargs, _shared_bottom_parameters),
 }
 
 
-def register_model(name, target, get_config=_dict_config, build=_build_from_kwargs):
+def register_model(name, target, get_config=_dict_config, build=_build_from_kwargs, num_parameters=None):
     """Make another model class checkpointable. `target` is "module:ClassName" (or the class itself); the defaults
-    suit a class that keeps its constructor kwargs in `self.config` (see `tinymoe.nn.module.init_config`)."""
+    suit a class that keeps its constructor kwargs in `self.config` (see `tinymoe.nn.module.init_config`).
+    `num_parameters(config)`, when given, lets `load` refuse a config asking for more weights than the file holds
+    before building anything."""
     if not isinstance(target, str):
         target = f"{target.__module__}:{target.__qualname__}"
-    MODELS[name] = ModelSpec(target, get_config, build)
+    MODELS[name] = ModelSpec(target, get_config, build, num_parameters)
 
 
 def _model_name(model) -> str:
@@ -191,14 +233,18 @@ def _dumps(value):
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _checksum(tensors: dict) -> str:
-    """sha256 over every tensor's name, dtype, shape and little-endian bytes, in name order."""
+def _checksum(tensors: dict, metadata: dict | None = None) -> str:
+    """sha256 over every tensor's name, dtype, shape and little-endian bytes, in name order, then (format 2) over
+    every header entry but the digest itself, as key and value, in key order."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = tensors[name]
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
         h.update(f"{name}\0{a.dtype.name}\0{a.shape}\0".encode())
         h.update(a.reshape(-1).view(np.uint8))
+    if metadata is not None:
+        for key in sorted(k for k in metadata if k != "sha256"):
+            h.update(f"header\0{key}\0{len(metadata[key])}\0{metadata[key]}\0".encode())
     return h.hexdigest()
 
 
@@ -304,8 +350,8 @@ def save(path, model, optimizer=None, train_state=None, extra_tensors=None):
     state_json = _dumps(_encode(train_state, "train_state"))
 
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "model": model_meta,
-                "optimizer": _dumps(optim_meta), "train_state": state_json, "sha256": _checksum(tensors),
-                "tinymoe_version": str(__version__)}
+                "optimizer": _dumps(optim_meta), "train_state": state_json, "tinymoe_version": str(__version__)}
+    metadata["sha256"] = _checksum(tensors, metadata)
     _write_atomic(path, safetensors.numpy.save(tensors, metadata=metadata))
     return path
 
@@ -368,10 +414,19 @@ def _optimizer_class(name, path):
 
 def _read(path):
     """(metadata dict, tensors dict) of a safetensors file; every failure becomes a CheckpointError."""
+    import stat
+
     from safetensors import safe_open
 
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint file; check the path (tinymoe.save writes it)")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path (tinymoe.save writes it)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never end
+        raise CheckpointError(f"{path}: not a regular file; a checkpoint is a .safetensors file written by "
+                              "tinymoe.save")
     try:
         with safe_open(path, framework="np") as f:
             metadata = f.metadata()
@@ -405,6 +460,8 @@ def _parse_header(path, metadata):
         raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this tinymoe reads "
                               f"({FORMAT_VERSION}); upgrade tinymoe (the file says it was written by "
                               f"{metadata.get('tinymoe_version', '?')})")
+    if version < 1:
+        raise CheckpointError(f"{path}: bad format_version {version}; the header is corrupt - restore the file")
     header = {"format": FORMAT_NAME, "format_version": version, "sha256": metadata.get("sha256"),
               "tinymoe_version": metadata.get("tinymoe_version")}
     for key in ("model", "optimizer", "train_state"):
@@ -440,13 +497,25 @@ def _short(names, limit=5):
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _rebuild(path, header):
+def _rebuild(path, header, tensors=None):
     """A fresh model of the saved class built from the saved config (random weights)."""
     name, config = header["model"]["class"], header["model"]["config"]
     spec = MODELS.get(name)
     if spec is None:
         raise CheckpointError(f"{path}: unknown model class {name!r} (known: {sorted(MODELS)}); import the code that "
                               "defines it and call tinymoe.checkpoint.register_model before loading")
+    if spec.num_parameters is not None and tensors is not None:
+        # Bound what the build may allocate by what the file holds: a header asking for far more (edited, or
+        # crafted with a matching checksum) is refused here. Within the bound the model is built and the exact
+        # names and shapes are compared (_load_into), which names every difference.
+        held = sum(int(a.size) for k, a in tensors.items() if k.startswith("model."))
+        try:
+            wanted = int(spec.num_parameters(config))
+        except Exception:  # a config the build itself will reject, with its own message
+            wanted = 0
+        if wanted > 4 * held + 2**22:
+            raise CheckpointError(f"{path}: the saved config asks for {wanted:,} parameters but the file holds "
+                                  f"{held:,}; the header does not match the weights - restore the file from a backup")
     try:
         return spec.build(spec.resolve(), config)
     except (TypeError, ValueError, KeyError) as e:
@@ -495,11 +564,12 @@ def load_checkpoint(path, model=None) -> Checkpoint:
     path = os.fspath(path)
     metadata, tensors = _read(path)
     header = _parse_header(path, metadata)
-    if header["sha256"] != _checksum(tensors):
-        raise CheckpointError(f"{path}: the tensor data does not match the checksum in the header; the file is "
-                              "corrupt - restore it from a backup or save it again")
+    if header["sha256"] != _checksum(tensors, metadata if header["format_version"] >= 2 else None):
+        raise CheckpointError(f"{path}: the file does not match the checksum in its header (tensors"
+                              f"{' and header' if header['format_version'] >= 2 else ''}); the file is corrupt or was "
+                              "edited - restore it from a backup or save it again")
     if model is None:
-        model = _rebuild(path, header)
+        model = _rebuild(path, header, tensors)
     _load_into(path, header, tensors, model)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     ck = Checkpoint(path=path, model=model, model_class=header["model"]["class"], train_state=header["train_state"],

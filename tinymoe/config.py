@@ -74,9 +74,14 @@ class DataConfig:
             raise ConfigError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
         if self.kind == "table" and not self.path:
             raise ConfigError("data.kind = 'table' needs data.path (a .csv or .npz file)")
+        if not all(isinstance(t, str) for t in self.tasks) or not all(
+                isinstance(c, str) for c in self.target_columns or ()):
+            raise ConfigError("data.tasks and data.target_columns must be lists of names (strings), got "
+                              f"{self.tasks} and {self.target_columns}")
         if self.kind == "sequence" and not self.tasks:
             raise ConfigError("data.tasks is empty; list at least one task, e.g. ['copy', 'reverse']")
-        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1) > 1e-6:
+        if (len(self.split) != 3 or _finite_all(self.split) or min(self.split) < 0
+                or abs(sum(self.split) - 1) > 1e-6):
             raise ConfigError(f"data.split must be 3 non-negative fractions (train, val, test) summing to 1, "
                               f"got {self.split}")
         for name in ("n_per_task", "seq_len", "vocab_size", "n", "d", "num_tasks", "num_clusters"):
@@ -90,6 +95,12 @@ class DataConfig:
                     make_task(task, self.seq_len, self.vocab_size)
                 except (ValueError, TypeError) as e:
                     raise ConfigError(f"data.tasks: {e}") from None
+
+
+def _finite_all(values):
+    """None when every value is a finite number, else a complaint (used as a truthy 'problem')."""
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    return None if ok else "not all finite numbers"
 
 
 @dataclass

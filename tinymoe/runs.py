@@ -50,7 +50,12 @@ def _build_data(cfg: RunConfig) -> dict:
         ds = D.multi_digits(d.mode, n=d.n, seed=seed)
     else:
         ds = D.load_table(d.path, d.target_columns, task_type=d.task_type)
-    return D.train_val_test_split(ds, tuple(d.split), seed=seed)
+    splits = D.train_val_test_split(ds, tuple(d.split), seed=seed)
+    empty = [name for name, part in splits.items() if len(part) == 0]
+    if empty:  # an empty split would train on nothing, or write NaN metrics
+        raise ConfigError(f"[data] {len(ds)} examples leave the {' and '.join(empty)} split(s) empty with data.split = "
+                          f"{list(d.split)}; use more examples (at least one per split), or change data.split")
+    return splits
 
 
 def _model_config(cfg: RunConfig, train):
