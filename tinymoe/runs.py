@@ -135,8 +135,8 @@ def holds_run(run_dir) -> bool:
 class RunLock:
     """An exclusive lock on a run folder while a run writes to it (a second run gets a clear error).
 
-    An advisory `flock` on RUN_DIR/.lock: the kernel drops it when the process ends, even on SIGKILL, so a lock is
-    never stale. The file keeps the holder's pid for the message. No-op where fcntl is missing (Windows)."""
+    An advisory `flock` on RUN_DIR/.lock (an empty file, never rewritten): the kernel drops the lock when the
+    process ends, even on SIGKILL, so a lock is never stale. No-op where fcntl is missing (Windows)."""
 
     def __init__(self, run_dir):
         self.path, self.fd = os.path.join(run_dir, ".lock"), None
@@ -150,14 +150,9 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            try:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            finally:
-                os.close(fd)
-            raise ConfigError(f"{os.path.dirname(self.path)} is in use by another tinymoe run (pid {holder}); wait "
-                              "for it to finish, or train into another --run-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            raise ConfigError(f"{os.path.dirname(self.path)} is in use by another tinymoe run; wait for it to "
+                              "finish, or train into another --run-dir") from None
         self.fd = fd
         return self
 
