@@ -142,6 +142,8 @@ def describe_error(e: BaseException) -> str:
 
     if isinstance(e, (ConfigError, CheckpointError, BackendUnavailable, RunFailed, TrainingDiverged)):
         text = str(e)
+    elif isinstance(e, BrokenPipeError):
+        text = "the output was closed before tinymoe finished writing it (e.g. piped into head)"
     elif isinstance(e, MemoryError):
         text = "out of memory; make the model, the batch or the data smaller"
     elif isinstance(e, OSError):

@@ -476,7 +476,8 @@ def multigate_parameters(c: MultiGateConfig, d_in, num_tasks, out_dim=1) -> int:
     return experts + gates + towers
 
 
-def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_classes=None) -> tuple[int, str]:
+def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_classes=None,
+                    num_examples=None) -> tuple[int, str]:
     """(bytes, how they were counted): a rough upper estimate of what training `cfg` holds in memory at once.
 
     Parameters count 7 times (weights, gradients, two Adam moments, the best-on-validation copy, the checkpoint's
@@ -503,7 +504,7 @@ def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_class
         per_example = L * (12 * c.d_model * c.n_layers + 4 * c.d_ff * (c.k * moe_layers + c.n_layers - moe_layers)
                            + 3 * c.n_heads * L * c.n_layers + 2 * (c.num_classes or c.vocab_size)) * F32
     else:
-        n_examples = {"mmoe": d.n, "clustered": d.n, "digits": d.n}.get(d.kind, 0)
+        n_examples = num_examples or {"mmoe": d.n, "clustered": d.n, "digits": d.n}.get(d.kind, 0)
         width = num_features or (d.d if d.kind in ("mmoe", "clustered") else None)
         data = n_examples * ((width or 0) + (num_tasks or d.num_tasks)) * F32 * 2
         if width is None:

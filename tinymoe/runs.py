@@ -19,7 +19,7 @@ from datetime import datetime
 import numpy as np
 
 from . import backends, data as D
-from .config import ConfigError, RunConfig, model_config, run_config_from_dict
+from .config import ConfigError, RunConfig, check_memory, model_config, run_config_from_dict
 from .tensor import no_grad
 
 
@@ -228,6 +228,10 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         raise ConfigError(f"--resume: no checkpoint to resume in {run_dir} (no config.json there); train without "
                           "--resume first")
     splits = build_data(cfg)
+    if not cfg.sequence:  # now the input width is known: the model's memory too, before it is allocated
+        train = splits["train"]
+        check_memory(cfg, num_features=train.num_features, num_tasks=train.num_tasks, num_examples=len(train),
+                     num_classes=train.num_classes if train.task_type == "classification" else None)
     try:
         model = build_model(cfg, splits["train"])  # before anything is written: a bad [model] leaves no folder
     except (ValueError, TypeError) as e:
