@@ -6,6 +6,10 @@ A run folder holds
     checkpoint.safetensors   weights + optimizer state + training state (tinymoe.checkpoint)
     results.json             per-task test metrics of the final (best-on-val) model
     routes.png               task x expert routing heatmaps and per-layer expert load (when matplotlib is there)
+    .lock                    an empty file a running `tinymoe train` holds a lock on (flock), so two runs never share it
+
+Every file is written atomically (temporary file + rename) except metrics.jsonl, which is only appended to and, on
+resume, cut back to the last record the checkpoint covers: a run killed at any moment resumes exactly.
 """
 from __future__ import annotations
 
@@ -117,6 +121,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "results.
 
 def new_run_dir(cfg: RunConfig) -> str:
     """A fresh folder <out>/<name>-<time> (a suffix -1, -2, ... when it exists)."""
+    if os.path.lexists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ConfigError(f"out = {cfg.out!r} exists and is not a folder; set out to a folder for the run folders")
     base = os.path.join(cfg.out, f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
     path, i = base, 1
     while True:
@@ -124,6 +130,8 @@ def new_run_dir(cfg: RunConfig) -> str:
             os.makedirs(path)
             return path
         except FileExistsError:
+            if i > 1000:
+                raise
             path, i = f"{base}-{i}", i + 1
 
 
