@@ -154,7 +154,7 @@ def scratch():
 not_int_ge_1 = st.one_of(st.integers(max_value=0), st.floats(allow_nan=True), st.text(max_size=5), st.booleans())
 not_probability = st.one_of(st.floats().filter(lambda v: not 0 <= v < 1), st.text(max_size=5))
 not_positive_rate = st.one_of(st.floats().filter(lambda v: not (v > 0 and v != float("inf"))),
-                              st.integers(max_value=0))
+                              st.integers(max_value=0), st.integers(10**309, 10**400))  # the last: no float holds it
 not_a_name = st.text(max_size=12)
 BAD_VALUES = {
     **{f"model.{k}": not_int_ge_1 for k in ("d_model", "n_layers", "n_heads", "d_ff", "num_experts", "k")},
@@ -180,7 +180,7 @@ BAD_VALUES = {
                                                    min_size=1),
                                    st.just({"bogus": 1.0})),
     # valid one by one, but no machine has the memory for them: refused before anything is allocated
-    "model.d_ff": st.integers(10**9, 10**15),
+    "model.d_ff": st.integers(10**9, 10**600),
     "data.n_per_task": st.integers(10**10, 10**15),
 }
 

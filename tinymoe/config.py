@@ -299,7 +299,10 @@ def _coerce(value, hint, where):
         raise ConfigError(f"{where}: expected {_hint_name(hint)}, got {value!r}")
     base = origin or hint
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {str(value)[:12]}... is too large for a number") from None
     if base is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base in (str, bool, list, dict) and isinstance(value, base):
@@ -516,8 +519,8 @@ def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_class
                        + T * (c.num_experts * 4 + c.tower_hidden * 3)) * F32
     activations = per_example * max(B, 512 // 4)
     total = params * F32 * 7 + activations + data
-    return total, (f"{params:,} parameters, a batch of {B} ({_human(activations)} of activations), "
-                   f"{n_examples:,} examples")
+    return total, (f"{_number(params)} parameters, a batch of {B} ({_human(activations)} of activations), "
+                   f"{_number(n_examples)} examples")
 
 
 def available_memory() -> int | None:
@@ -545,7 +548,13 @@ def check_memory(cfg: RunConfig, **data_sizes):
                           "optim.batch_size or the data sizes)")
 
 
+def _number(n) -> str:
+    return f"{n:,}" if n < 10**15 else f"~10^{len(str(int(n))) - 1}"
+
+
 def _human(n) -> str:
+    if n >= 1024**6:  # beyond any machine (and beyond what a float may hold): just the order of magnitude
+        return f"~10^{len(str(int(n))) - 1} B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
