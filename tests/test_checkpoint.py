@@ -444,3 +444,15 @@ def test_only_regular_files_are_opened(tmp_path):
         ckpt.load(fifo)
     with pytest.raises(CheckpointError, match="not a regular file"):
         ckpt.load(tmp_path)
+
+
+@pytest.mark.parametrize("gate", ["top_k", "noisy_top_k", "dselect_k", "hash", "softmax"])
+@pytest.mark.parametrize("router, head", [("token", "shared"), ("token", "per_task"), ("add", "shared"),
+                                          ("concat", "per_task")])
+def test_transformer_parameter_count(gate, router, head):
+    """Exact for token routers, never above the real count otherwise (it bounds what a rebuild may allocate)."""
+    c = tm.ModelConfig(**{**SMALL, "num_experts": 5, "gate": gate, "router": router, "head": head,
+                          "num_shared_experts": 1})
+    real = tm.MoETransformer(c).num_parameters()
+    count = ckpt.transformer_parameters(c)
+    assert count == real if router == "token" else count <= real

@@ -113,10 +113,48 @@ def _build_transformer(cls, config):
     return cls(ModelConfig(**config))
 
 
-# Parameter counts from a config, before anything is built: a header asking for more than the file holds is refused
-# instead of allocated (a 1 MB file must not make the loader allocate 4 GB).
+# ---- parameter counts from a config, before anything is built ------------------------------------------------------
+# A header asking for far more weights than the file holds is refused instead of allocated (a 1 MB file must not make
+# the loader allocate 4 GB); tinymoe.config uses the same counts to estimate a run's memory before it starts.
+
+
+def transformer_parameters(c) -> int:
+    """The number of parameters of a MoETransformer with ModelConfig `c`, counted from the config (nothing is
+    built): exact for token routers, a lower bound for the task-aware ones (their task embeddings are left out)."""
+    d, f, E = c.d_model, c.d_ff, c.num_experts
+    ffn = 2 * d * f + f + d  # one FFN or expert: W1, b1, W2, b2
+    n = (c.vocab_size + c.max_seq_len) * d + (c.num_tasks * d if c.task_embedding else 0) + 2 * d  # + final norm
+    m = (E - 1).bit_length()  # ⌈log2 E⌉ bits of a DSelect-k code
+    router_out = c.k * m + c.k if c.gate == "dselect_k" else E
+    for i in range(c.n_layers):
+        n += 4 * d * d + 4 * d + 4 * d  # attention (q, k, v, out) + two layer norms
+        if c.moe_every > 0 and (i + 1) % c.moe_every == 0:
+            routers = 0 if c.gate == "hash" else 2 if c.gate == "noisy_top_k" else 1
+            n += E * ffn + c.num_shared_experts * ffn + routers * (d + 1) * router_out  # task routers hold more
+        else:
+            n += ffn
+    classes = c.num_classes or c.vocab_size
+    return n + (d * classes + classes) * (c.num_tasks if c.head == "per_task" else 1)
+
+
+def multigate_parameters(d_in, num_tasks, out_dim=1, *, family="multigate", num_experts=8, d_expert=16,
+                         d_hidden=None, gate="softmax", k=2, per_example=False, tower_hidden=8) -> int:
+    """The number of parameters of a MultiGateMoE (family "multigate") or SharedBottom ("shared_bottom"; its
+    d_out is d_expert), counted from the constructor's arguments."""
+    h = d_hidden or d_expert
+    towers = num_tasks * (d_expert * tower_hidden + tower_hidden + tower_hidden * out_dim + out_dim)
+    if family == "shared_bottom":
+        return d_in * h + h + h * d_expert + d_expert + towers
+    experts = num_experts * (d_in * h + h + h * d_expert + d_expert)
+    m = (num_experts - 1).bit_length()
+    if gate == "dselect_k" and not per_example:  # static: each task's z (k, m) and α (k) are the parameters
+        gates = num_tasks * (k * m + k)
+    else:
+        gates = num_tasks * ((d_in + 1) * (k * m + k if gate == "dselect_k" else num_experts))
+    return experts + gates + towers
+
+
 def _transformer_parameters(config):
-    from .config import transformer_parameters
     from .model import ModelConfig
 
     return transformer_parameters(ModelConfig(**config))
@@ -132,20 +170,15 @@ def _moe_parameters(c):
 
 
 def _multigate_parameters(c):
-    from .config import MultiGateConfig, multigate_parameters
-
-    mc = MultiGateConfig(num_experts=c["num_experts"], d_expert=c["d_expert"], d_hidden=c.get("d_hidden"),
-                         gate=c.get("gate", "softmax"), k=c.get("k", 2), per_example=c.get("per_example", False),
-                         tower_hidden=c.get("tower_hidden", 8))
-    return multigate_parameters(mc, c["d_in"], c["num_tasks"], c.get("out_dim", 1))
+    return multigate_parameters(c["d_in"], c["num_tasks"], c.get("out_dim", 1), num_experts=c["num_experts"],
+                                d_expert=c["d_expert"], d_hidden=c.get("d_hidden"), gate=c.get("gate", "softmax"),
+                                k=c.get("k", 2), per_example=c.get("per_example", False),
+                                tower_hidden=c.get("tower_hidden", 8))
 
 
 def _shared_bottom_parameters(c):
-    from .config import MultiGateConfig, multigate_parameters
-
-    mc = MultiGateConfig(family="shared_bottom", d_expert=c["d_out"], d_hidden=c.get("d_hidden"),
-                         tower_hidden=c.get("tower_hidden", 8))
-    return multigate_parameters(mc, c["d_in"], c["num_tasks"], c.get("out_dim", 1))
+    return multigate_parameters(c["d_in"], c["num_tasks"], c.get("out_dim", 1), family="shared_bottom",
+                                d_expert=c["d_out"], d_hidden=c.get("d_hidden"), tower_hidden=c.get("tower_hidden", 8))
 
 
 MODELS: dict[str, ModelSpec] = {

@@ -445,40 +445,6 @@ def load_config(path=None, overrides=None) -> RunConfig:
 # ---- memory estimate -------------------------------------------------------------------------------------------------
 
 
-def transformer_parameters(c) -> int:
-    """The number of parameters of a MoETransformer with ModelConfig `c`, counted from the config (nothing is
-    built): exact for token routers, a lower bound for the task-aware ones (their task embeddings are left out)."""
-    d, f, E = c.d_model, c.d_ff, c.num_experts
-    ffn = 2 * d * f + f + d  # one FFN or expert: W1, b1, W2, b2
-    n = (c.vocab_size + c.max_seq_len) * d + (c.num_tasks * d if c.task_embedding else 0) + 2 * d  # + final norm
-    m = math.ceil(math.log2(E)) if E > 1 else 0
-    router_out = c.k * m + c.k if c.gate == "dselect_k" else E
-    for i in range(c.n_layers):
-        n += 4 * d * d + 4 * d + 4 * d  # attention (q, k, v, out) + two layer norms
-        if c.moe_every > 0 and (i + 1) % c.moe_every == 0:
-            routers = 0 if c.gate == "hash" else 2 if c.gate == "noisy_top_k" else 1
-            n += E * ffn + c.num_shared_experts * ffn + routers * (d + 1) * router_out  # task routers hold more
-        else:
-            n += ffn
-    classes = c.num_classes or c.vocab_size
-    return n + (d * classes + classes) * (c.num_tasks if c.head == "per_task" else 1)
-
-
-def multigate_parameters(c: MultiGateConfig, d_in, num_tasks, out_dim=1) -> int:
-    """The number of parameters of a MultiGateMoE (or SharedBottom) with MultiGateConfig `c` and d_in features."""
-    h = c.d_hidden or c.d_expert
-    towers = num_tasks * (c.d_expert * c.tower_hidden + c.tower_hidden + c.tower_hidden * out_dim + out_dim)
-    if c.family == "shared_bottom":
-        return d_in * h + h + h * c.d_expert + c.d_expert + towers
-    experts = c.num_experts * (d_in * h + h + h * c.d_expert + c.d_expert)
-    m = math.ceil(math.log2(c.num_experts)) if c.num_experts > 1 else 0
-    if c.gate == "dselect_k" and not c.per_example:  # static: each task's z (k, m) and α (k) are the parameters
-        gates = num_tasks * (c.k * m + c.k)
-    else:
-        gates = num_tasks * ((d_in + 1) * (c.k * m + c.k if c.gate == "dselect_k" else c.num_experts))
-    return experts + gates + towers
-
-
 def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_classes=None,
                     num_examples=None) -> tuple[int, str]:
     """(bytes, how they were counted): a rough upper estimate of what training `cfg` holds in memory at once.
@@ -490,6 +456,7 @@ def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_class
     keeps no graph, so it counts a quarter). The data counts its arrays and the three split copies.
     For tabular data of unknown width (a table file, digits) pass `num_features`; None skips the model part.
     """
+    from .checkpoint import multigate_parameters, transformer_parameters
     from .model import ModelConfig
 
     d, B, F32 = cfg.data, cfg.optim.batch_size, 4
@@ -501,7 +468,7 @@ def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_class
             values.pop(key, None)
         c = ModelConfig(**{**values, "vocab_size": d.vocab_size, "max_seq_len": d.seq_len,
                            "num_tasks": num_tasks or len(d.tasks)})
-        params = transformer_parameters(c)
+        params = transformer_parameters(c)  # counted from the config, nothing built
         L = d.seq_len
         moe_layers = sum(1 for i in range(c.n_layers) if c.moe_every > 0 and (i + 1) % c.moe_every == 0)
         per_example = L * (12 * c.d_model * c.n_layers + 4 * c.d_ff * (c.k * moe_layers + c.n_layers - moe_layers)
@@ -514,7 +481,9 @@ def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_class
             return data, f"{n_examples:,} examples (model not counted: its input width comes from the data)"
         c = from_dict(MultiGateConfig, {**cfg.model, "seed": 0}, "model")
         T = num_tasks or (2 if d.kind == "mmoe" else d.num_tasks)
-        params = multigate_parameters(c, width, T, num_classes or 1)
+        params = multigate_parameters(width, T, num_classes or 1, family=c.family, num_experts=c.num_experts,
+                                      d_expert=c.d_expert, d_hidden=c.d_hidden, gate=c.gate, k=c.k,
+                                      per_example=c.per_example, tower_hidden=c.tower_hidden)
         per_example = (c.num_experts * ((c.d_hidden or c.d_expert) * 3 + c.d_expert * 2) + width
                        + T * (c.num_experts * 4 + c.tower_hidden * 3)) * F32
     activations = per_example * max(B, 512 // 4)
