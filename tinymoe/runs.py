@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -157,8 +158,10 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise  # e.g. no locks on this file system: the CLI names the error
             raise ConfigError(f"{os.path.dirname(self.path)} is in use by another tinymoe run; wait for it to "
                               "finish, or train into another --run-dir") from None
         self.fd = fd
@@ -289,8 +292,8 @@ def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, o
         for name in RUN_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(run_dir, name))
-    if not resume:
-        write_json(config_path, cfg.to_dict())
+    if not resume or read_json(config_path, "run config") != json.loads(json.dumps(cfg.to_dict())):
+        write_json(config_path, cfg.to_dict())  # a resume may change [optim] (e.g. more steps): keep it current
     optim = cfg.optim if cfg.optim.seed else dataclasses.replace(cfg.optim, seed=cfg.seed)
     from_checkpoint = resume and os.path.exists(ckpt_path)  # killed before the first checkpoint: start over
     try:
@@ -314,8 +317,6 @@ def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, o
 
 def _failure(e, run_dir) -> str:
     """One line: what failed while training into run_dir, what is kept, what to do."""
-    import errno
-
     kept = os.path.exists(os.path.join(run_dir, "checkpoint.safetensors"))
     then = (f"the last good checkpoint is kept: fix that, then tinymoe train --config {run_dir}/config.json "
             f"--run-dir {run_dir} --resume" if kept else "no checkpoint was written, so nothing of the run is kept")
