@@ -222,7 +222,8 @@ def test_importance_load_gives_the_noise_router_a_gradient():
 
 # ------------------------------------------------------------------------------------------------ weights, layers
 def test_default_weights():
-    assert L.DEFAULT_WEIGHTS == {"load_balance": 1e-2, "importance_load": 1e-2, "z_loss": 1e-3, "dselect_entropy": 1e-6}
+    assert L.DEFAULT_WEIGHTS == {"load_balance": 1e-2, "importance_load": 1e-2, "z_loss": 1e-3, "dselect_entropy": 1e-6,
+                                 "dselect_reachability": 1.0}
 
 
 @pytest.mark.parametrize("gate,expected", [("top_k", {"load_balance", "z_loss"}),

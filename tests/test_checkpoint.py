@@ -60,13 +60,16 @@ def saved(tmp_path):
     return path, model
 
 
-def rewrite(path, out, tensors=None, metadata=None):
-    """Copy a checkpoint with some tensors / metadata entries replaced (a crafted file)."""
+def rewrite(path, out, tensors=None, metadata=None, resign=True):
+    """Copy a checkpoint with some tensors / metadata entries replaced (a crafted file). resign: recompute the
+    header's sha256, as a deliberate forger would, so the checks behind the checksum are what gets tested."""
     with safe_open(str(path), framework="np") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
         m = f.metadata()
     t.update(tensors or {})
     m.update(metadata or {})
+    if resign and "sha256" not in (metadata or {}):
+        m["sha256"] = ckpt._checksum(t, m)
     safetensors.numpy.save_file(t, str(out), metadata=m)
     return out
 
@@ -297,7 +300,7 @@ def test_flipped_data_byte_fails_the_checksum(saved, tmp_path):
     data[-3] ^= 0xFF  # inside the last tensor's bytes
     bad = tmp_path / "flip.safetensors"
     bad.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="flip.safetensors: the tensor data does not match the checksum"):
+    with pytest.raises(CheckpointError, match="flip.safetensors: the file does not match the checksum"):
         ckpt.load(bad)
 
 
@@ -379,3 +382,77 @@ def test_load_never_unpickles(tmp_path, monkeypatch):
     ck = ckpt.load_checkpoint(path)
     ck.make_optimizer()
     assert_same_weights(model, ck.model)
+
+
+# ------------------------------------------------------------------------------------- the header, sizes, odd files
+def test_the_checksum_covers_the_header(tmp_path):
+    """Editing a header entry ("step": 4 -> 2) without re-signing is caught: it would resume at the wrong step."""
+    model = transformer()
+    path = ckpt.save(tmp_path / "h.safetensors", model, train_state={"step": 4})
+    for key, value in [("train_state", '{"step":2}'), ("tinymoe_version", "9.9"), ("optimizer", "null ")]:
+        bad = rewrite(path, tmp_path / f"{key}.safetensors", metadata={key: value}, resign=False)
+        with pytest.raises(CheckpointError, match="does not match the checksum.*edited"):
+            ckpt.load_checkpoint(bad)
+    assert ckpt.load_checkpoint(path).train_state == {"step": 4}
+
+
+def test_format_1_files_still_load(saved, tmp_path):
+    """Format 1 (a digest of the tensors only) is still read; its tensors are still checked."""
+    path, model = saved
+    with safe_open(str(path), framework="np") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        m = f.metadata()
+    old = tmp_path / "v1.safetensors"
+    safetensors.numpy.save_file(t, str(old), metadata={**m, "format_version": "1", "sha256": ckpt._checksum(t)})
+    assert_same_weights(model, ckpt.load(old))
+    name = next(iter(t))
+    flipped = {**t, name: t[name] + 1}
+    bad = tmp_path / "v1bad.safetensors"
+    safetensors.numpy.save_file(flipped, str(bad), metadata={**m, "format_version": "1", "sha256": ckpt._checksum(t)})
+    with pytest.raises(CheckpointError, match="checksum"):
+        ckpt.load(bad)
+
+
+@pytest.mark.parametrize("change", [{"d_model": 10**9}, {"d_ff": 10**8, "d_model": 10**4}, {"vocab_size": 10**10},
+                                    {"num_experts": 10**7}])
+def test_a_header_asking_for_a_huge_model_is_refused_before_allocating(saved, tmp_path, change):
+    """A small file whose (re-signed) header asks for a huge model: a CheckpointError, not a MemoryError."""
+    path, _ = saved
+    header = ckpt.read_header(path)["model"]
+    bad = rewrite(path, tmp_path / "big.safetensors",
+                  metadata={"model": json.dumps({**header, "config": {**header["config"], **change}})})
+    with pytest.raises(CheckpointError, match="asks for .* parameters but the file holds"):
+        ckpt.load(bad)
+
+
+@pytest.mark.parametrize("name, model", [("moe", lambda: tm.nn.MoE(6, 8, 4, k=2, num_shared_experts=1)),
+                                         ("mg", lambda: tm.nn.MultiGateMoE(5, 4, 3, 2, gate="dselect_k", k=2)),
+                                         ("mgp", lambda: tm.nn.MultiGateMoE(5, 4, 3, 2, gate="top_k", k=2,
+                                                                            per_example=True, d_hidden=7))])
+def test_parameter_counts_match_the_models(name, model):
+    """The counts that bound a rebuild are not below what the constructors really build (else a good file fails)."""
+    m = model()
+    spec = ckpt.MODELS[ckpt._model_name(m)]
+    assert spec.num_parameters(spec.get_config(m)) == m.num_parameters()
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    """A FIFO would block forever in open(); a folder is no checkpoint either."""
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        ckpt.load(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        ckpt.load(tmp_path)
+
+
+@pytest.mark.parametrize("gate", ["top_k", "noisy_top_k", "dselect_k", "hash", "softmax"])
+@pytest.mark.parametrize("router, head", [("token", "shared"), ("token", "per_task"), ("add", "shared"),
+                                          ("concat", "per_task")])
+def test_transformer_parameter_count(gate, router, head):
+    """Exact for token routers, never above the real count otherwise (it bounds what a rebuild may allocate)."""
+    c = tm.ModelConfig(**{**SMALL, "num_experts": 5, "gate": gate, "router": router, "head": head,
+                          "num_shared_experts": 1})
+    real = tm.MoETransformer(c).num_parameters()
+    count = ckpt.transformer_parameters(c)
+    assert count == real if router == "token" else count <= real

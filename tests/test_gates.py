@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import tinymoe as tm
 from tinymoe import gates as G
+from tinymoe import losses as L
 from tinymoe.nn.routers import TaskEmbedding
 
 F32 = dict(rtol=1e-5, atol=1e-5)
@@ -290,14 +291,13 @@ def test_dselect_saturated_selects_at_most_k_experts_by_their_codes(E, data):
 
 
 def hand_entropy(zs, E, gamma):
-    """Σ_l H(r(z⁽ˡ⁾)) with H(p) = −Σ p log(p + 1e-6), + Σ_l 1/Σ_i r_i when E is not a power of two."""
-    total = 0.0
-    for z in zs:
-        r = hand_r(z, E, gamma)
-        total += -np.sum(r * np.log(r + 1e-6))
-        if E & (E - 1):
-            total += 1.0 / r.sum()
-    return total
+    """Σ_l H(r(z⁽ˡ⁾)) with H(p) = −Σ p log(p + 1e-6)."""
+    return sum(-np.sum(hand_r(z, E, gamma) * np.log(hand_r(z, E, gamma) + 1e-6)) for z in zs)
+
+
+def hand_reachability(zs, E, gamma):
+    """Σ_l 1/Σ_i r(z⁽ˡ⁾)_i (only reported when E is not a power of two)."""
+    return sum(1.0 / hand_r(z, E, gamma).sum() for z in zs)
 
 
 @pytest.mark.parametrize("E", [4, 5, 6, 8])
@@ -306,24 +306,38 @@ def test_dselect_entropy_regulariser_and_non_power_of_two_term(E):
     k, m, gamma = 2, m_of(E), 1.5
     z = rng.uniform(-0.6, 0.6, (k, m))
     alpha = rng.standard_normal(k)
+    power_of_two = not E & (E - 1)
     _, aux = G.dselect_k_weights(tm.Tensor(z), tm.Tensor(alpha), E, gamma, training=True)
     np.testing.assert_allclose(aux["dselect_entropy"].numpy(), hand_entropy(z, E, gamma), **F64)
+    assert ("dselect_reachability" in aux) == (not power_of_two)
+    if not power_of_two:
+        np.testing.assert_allclose(aux["dselect_reachability"].numpy(), hand_reachability(z, E, gamma), **F64)
     # per example (leading dimension): the mean over examples
     zb = rng.uniform(-0.6, 0.6, (3, k, m))
     _, aux = G.dselect_k_weights(tm.Tensor(zb), tm.Tensor(rng.standard_normal((3, k))), E, gamma, training=True)
     np.testing.assert_allclose(aux["dselect_entropy"].numpy(), np.mean([hand_entropy(zz, E, gamma) for zz in zb]), **F64)
+    if not power_of_two:
+        np.testing.assert_allclose(aux["dselect_reachability"].numpy(),
+                                   np.mean([hand_reachability(zz, E, gamma) for zz in zb]), **F64)
     # training only
-    assert "dselect_entropy" not in G.dselect_k_weights(tm.Tensor(z), tm.Tensor(alpha), E, gamma, training=False)[1]
+    assert not G.dselect_k_weights(tm.Tensor(z), tm.Tensor(alpha), E, gamma, training=False)[1]
 
 
 def test_dselect_entropy_hand_value():
-    """E = 2, one selector at z = 0: r = (½, ½), H = −2·½·log(½ + 1e-6); E = 3 adds 1/(r_0 + r_1 + r_2)."""
+    """E = 2, one selector at z = 0: r = (½, ½), H = −2·½·log(½ + 1e-6); E = 3 adds 1/(r_0 + r_1 + r_2) as its own
+    term, weighted 1 by default (not the entropy's 1e-6)."""
     z = np.zeros((1, 1))
     _, aux = G.dselect_k_weights(tm.Tensor(z), tm.Tensor(np.zeros(1)), 2, 1.0, training=True)
     np.testing.assert_allclose(aux["dselect_entropy"].numpy(), -np.log(0.5 + 1e-6), **F64)
     z = np.zeros((1, 2))  # E = 3, m = 2: r = (¼, ¼, ¼) over the reachable codes
     _, aux = G.dselect_k_weights(tm.Tensor(z), tm.Tensor(np.zeros(1)), 3, 1.0, training=True)
-    np.testing.assert_allclose(aux["dselect_entropy"].numpy(), -3 * 0.25 * np.log(0.25 + 1e-6) + 1 / 0.75, **F64)
+    np.testing.assert_allclose(aux["dselect_entropy"].numpy(), -3 * 0.25 * np.log(0.25 + 1e-6), **F64)
+    np.testing.assert_allclose(aux["dselect_reachability"].numpy(), 1 / 0.75, **F64)
+    moe = tm.nn.MoE(4, 4, 3, gate="dselect_k", k=1, seed=0, dtype=np.float64)
+    moe(np.random.default_rng(0).standard_normal((5, 4)))
+    want = sum(L.DEFAULT_WEIGHTS[n] * float(v.numpy()) for n, v in moe.aux_losses.items())
+    assert L.DEFAULT_WEIGHTS["dselect_reachability"] == 1.0
+    np.testing.assert_allclose(float(moe.aux_loss().numpy()), want, rtol=1e-12)
 
 
 def test_dselect_layer_entropy_in_training_only():
@@ -544,3 +558,35 @@ def test_transformer_add_task_routes_a_composed_task():
         idx = layer.last_routing.expert_idx.reshape(3, 6, -1)
         for b in (0, 2):
             assert np.all(idx[b] == hand_top_k(h, 2))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("E", [4, 5])
+@pytest.mark.parametrize("gate", G.GATES)
+def test_a_nan_token_comes_out_nan_for_every_gate(gate, E, backend):
+    """NaN in, NaN out: the gates that keep only nonzero weights (dselect_k) or let experts pick tokens
+    (expert_choice) once dropped a NaN token from every expert, so it came out as a finite 0 that hid the NaN."""
+    if backend not in tm.backends.available():
+        pytest.skip(f"{backend} backend not installed")
+    x = np.random.default_rng(0).standard_normal((7, 6)).astype(np.float32)
+    x[2, 3] = np.nan
+    moe = tm.nn.MoE(6, 8, E, gate=gate, k=2, seed=0)
+    with tm.use_backend(backend), np.errstate(invalid="ignore"):
+        for training in (True, False):
+            moe.train(training)
+            y = moe(x, token_ids=np.arange(7)).numpy()
+            assert np.isnan(y[2]).all(), (gate, training, y[2])
+            assert np.isfinite(np.delete(y, 2, axis=0)).all(), (gate, training)
+
+
+@pytest.mark.parametrize("gate, per_example", [("softmax", False), ("top_k", False), ("dselect_k", False),
+                                               ("dselect_k", True)])
+def test_a_nan_example_comes_out_nan_in_multigate_moe(gate, per_example):
+    x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    x[1, 0] = np.nan
+    mg = tm.nn.MultiGateMoE(6, 4, 5, 2, gate=gate, k=2, per_example=per_example, seed=0)
+    mg.eval()
+    with np.errstate(invalid="ignore"):
+        outs = mg(x)
+    for out in outs:
+        assert np.isnan(out.numpy()[1]).all() and np.isfinite(np.delete(out.numpy(), 1, axis=0)).all()

@@ -22,7 +22,9 @@ A standard safetensors file (any safetensors reader opens it):
   | `model`          | `{"class": <registry name>, "config": <constructor config>, "rng_states": {...}}`        |
   | `optimizer`      | `null` or `{"class", "scalars" (step, lr), "hparams" (constructor kwargs), "param_names"}` |
   | `train_state`    | `null` or the loop's dict (see below)                                                    |
-  | `sha256`         | hex digest of every tensor's name, dtype, shape and bytes: catches corrupted data        |
+  | `sha256`         | hex digest of every tensor's name, dtype, shape and bytes, then of every other header     |
+  |                  | entry (key and value): catches corrupted data and an edited header (format 2; format 1   |
+  |                  | files, whose digest covers the tensors only, still load)                                  |
   | `tinymoe_version`| the version that wrote the file (informational)                                          |
 
 The model is rebuilt from its registry entry (`MODELS`) and config, then the weights are loaded into it; the
@@ -66,7 +68,7 @@ from . import nn
 from .model import ModelConfig, MoETransformer
 
 FORMAT_NAME = "tinymoe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the sha256 covers the header too (1: tensors only)
 _TAG = "__tinymoe__"  # marks a tagged (non-JSON) value in train_state / hparams
 
 
@@ -88,6 +90,7 @@ class ModelSpec:
     cls: type
     get_config: object
     build: object
+    num_parameters: object = None  # config -> the parameter count it builds (or a lower bound); None: unknown
 
     def resolve(self):
         return self.cls
@@ -109,22 +112,90 @@ def _build_transformer(cls, config):
     return cls(ModelConfig(**config))
 
 
+# ---- parameter counts from a config, before anything is built ------------------------------------------------------
+# A header asking for far more weights than the file holds is refused instead of allocated (a 1 MB file must not make
+# the loader allocate 4 GB); tinymoe.config uses the same counts to estimate a run's memory before it starts.
+
+
+def transformer_parameters(c) -> int:
+    """The number of parameters of a MoETransformer with ModelConfig `c`, counted from the config (nothing is
+    built): exact for token routers, a lower bound for the task-aware ones (their task embeddings are left out)."""
+    d, f, E = c.d_model, c.d_ff, c.num_experts
+    ffn = 2 * d * f + f + d  # one FFN or expert: W1, b1, W2, b2
+    n = (c.vocab_size + c.max_seq_len) * d + (c.num_tasks * d if c.task_embedding else 0) + 2 * d  # + final norm
+    m = (E - 1).bit_length()  # ⌈log2 E⌉ bits of a DSelect-k code
+    router_out = c.k * m + c.k if c.gate == "dselect_k" else E
+    for i in range(c.n_layers):
+        n += 4 * d * d + 4 * d + 4 * d  # attention (q, k, v, out) + two layer norms
+        if c.moe_every > 0 and (i + 1) % c.moe_every == 0:
+            routers = 0 if c.gate == "hash" else 2 if c.gate == "noisy_top_k" else 1
+            n += E * ffn + c.num_shared_experts * ffn + routers * (d + 1) * router_out  # task routers hold more
+        else:
+            n += ffn
+    classes = c.num_classes or c.vocab_size
+    return n + (d * classes + classes) * (c.num_tasks if c.head == "per_task" else 1)
+
+
+def multigate_parameters(d_in, num_tasks, out_dim=1, *, family="multigate", num_experts=8, d_expert=16,
+                         d_hidden=None, gate="softmax", k=2, per_example=False, tower_hidden=8) -> int:
+    """The number of parameters of a MultiGateMoE (family "multigate") or SharedBottom ("shared_bottom"; its
+    d_out is d_expert), counted from the constructor's arguments."""
+    h = d_hidden or d_expert
+    towers = num_tasks * (d_expert * tower_hidden + tower_hidden + tower_hidden * out_dim + out_dim)
+    if family == "shared_bottom":
+        return d_in * h + h + h * d_expert + d_expert + towers
+    experts = num_experts * (d_in * h + h + h * d_expert + d_expert)
+    m = (num_experts - 1).bit_length()
+    if gate == "dselect_k" and not per_example:  # static: each task's z (k, m) and α (k) are the parameters
+        gates = num_tasks * (k * m + k)
+    else:
+        gates = num_tasks * ((d_in + 1) * (k * m + k if gate == "dselect_k" else num_experts))
+    return experts + gates + towers
+
+
+def _transformer_parameters(config):
+    return transformer_parameters(ModelConfig(**config))
+
+
+def _moe_parameters(c):
+    """Experts, shared experts and the router(s); a lower bound for the task-aware routers (task tables left out)."""
+    d, f, E, gate, k = c["d_model"], c["d_ff"], c["num_experts"], c.get("gate", "top_k"), c.get("k", 2)
+    m = (E - 1).bit_length()  # ⌈log2 E⌉
+    routers = 0 if gate == "hash" else 2 if gate == "noisy_top_k" else 1
+    return (E + c.get("num_shared_experts", 0)) * (2 * d * f + f + d) + routers * (d + 1) * (
+        k * m + k if gate == "dselect_k" else E)
+
+
+def _multigate_parameters(c):
+    return multigate_parameters(c["d_in"], c["num_tasks"], c.get("out_dim", 1), num_experts=c["num_experts"],
+                                d_expert=c["d_expert"], d_hidden=c.get("d_hidden"), gate=c.get("gate", "softmax"),
+                                k=c.get("k", 2), per_example=c.get("per_example", False),
+                                tower_hidden=c.get("tower_hidden", 8))
+
+
+def _shared_bottom_parameters(c):
+    return multigate_parameters(c["d_in"], c["num_tasks"], c.get("out_dim", 1), family="shared_bottom",
+                                d_expert=c["d_out"], d_hidden=c.get("d_hidden"), tower_hidden=c.get("tower_hidden", 8))
+
+
 MODELS: dict[str, ModelSpec] = {
-    "tinymoe.MoETransformer": ModelSpec(MoETransformer, _dataclass_config, _build_transformer),
-    "tinymoe.nn.MoE": ModelSpec(nn.MoE, _dataclass_config, _build_from_kwargs),
-    "tinymoe.nn.MultiGateMoE": ModelSpec(nn.MultiGateMoE, _dict_config, _build_from_kwargs),
-    "tinymoe.nn.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs),
+    "tinymoe.MoETransformer": ModelSpec(MoETransformer, _dataclass_config, _build_transformer, _transformer_parameters),
+    "tinymoe.nn.MoE": ModelSpec(nn.MoE, _dict_config, _build_from_kwargs, _moe_parameters),
+    "tinymoe.nn.MultiGateMoE": ModelSpec(nn.MultiGateMoE, _dict_config, _build_from_kwargs, _multigate_parameters),
+    "tinymoe.nn.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs, _shared_bottom_parameters),
     # the name files written before SharedBottom moved into tinymoe.nn carry (read only: saving uses the one above)
-    "tinymoe.experiments.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs),
+    "tinymoe.experiments.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs,
+                                                  _shared_bottom_parameters),
 }
 
 
-def register_model(name, cls, get_config=_dict_config, build=_build_from_kwargs):
+def register_model(name, cls, get_config=_dict_config, build=_build_from_kwargs, num_parameters=None):
     """Make another model class checkpointable under `name`; the defaults suit a class that keeps its constructor
-    kwargs in `self.config` (see `tinymoe.nn.module.init_config`)."""
+    kwargs in `self.config` (see `tinymoe.nn.module.init_config`). `num_parameters(config)`, when given, lets
+    `load` refuse a config asking for more weights than the file holds before building anything."""
     if not isinstance(cls, type):
         raise TypeError(f"register_model: pass the class itself, got {cls!r}")
-    MODELS[name] = ModelSpec(cls, get_config, build)
+    MODELS[name] = ModelSpec(cls, get_config, build, num_parameters)
 
 
 def _model_name(model) -> str:
@@ -190,14 +261,18 @@ def _dumps(value):
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _checksum(tensors: dict) -> str:
-    """sha256 over every tensor's name, dtype, shape and little-endian bytes, in name order."""
+def _checksum(tensors: dict, metadata: dict | None = None) -> str:
+    """sha256 over every tensor's name, dtype, shape and little-endian bytes, in name order, then (format 2) over
+    every header entry but the digest itself, as key and value, in key order."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = tensors[name]
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
         h.update(f"{name}\0{a.dtype.name}\0{a.shape}\0".encode())
         h.update(a.reshape(-1).view(np.uint8))
+    if metadata is not None:
+        for key in sorted(k for k in metadata if k != "sha256"):
+            h.update(f"header\0{key}\0{len(metadata[key])}\0{metadata[key]}\0".encode())
     return h.hexdigest()
 
 
@@ -303,8 +378,8 @@ def save(path, model, optimizer=None, train_state=None, extra_tensors=None):
     state_json = _dumps(_encode(train_state, "train_state"))
 
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "model": model_meta,
-                "optimizer": _dumps(optim_meta), "train_state": state_json, "sha256": _checksum(tensors),
-                "tinymoe_version": str(__version__)}
+                "optimizer": _dumps(optim_meta), "train_state": state_json, "tinymoe_version": str(__version__)}
+    metadata["sha256"] = _checksum(tensors, metadata)
     _write_atomic(path, safetensors.numpy.save(tensors, metadata=metadata))
     return path
 
@@ -367,10 +442,19 @@ def _optimizer_class(name, path):
 
 def _read(path):
     """(metadata dict, tensors dict) of a safetensors file; every failure becomes a CheckpointError."""
+    import stat
+
     from safetensors import safe_open
 
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint file; check the path (tinymoe.save writes it)")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path (tinymoe.save writes it)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never end
+        raise CheckpointError(f"{path}: not a regular file; a checkpoint is a .safetensors file written by "
+                              "tinymoe.save")
     try:
         with safe_open(path, framework="np") as f:
             metadata = f.metadata()
@@ -404,6 +488,8 @@ def _parse_header(path, metadata):
         raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this tinymoe reads "
                               f"({FORMAT_VERSION}); upgrade tinymoe (the file says it was written by "
                               f"{metadata.get('tinymoe_version', '?')})")
+    if version < 1:
+        raise CheckpointError(f"{path}: bad format_version {version}; the header is corrupt - restore the file")
     header = {"format": FORMAT_NAME, "format_version": version, "sha256": metadata.get("sha256"),
               "tinymoe_version": metadata.get("tinymoe_version")}
     for key in ("model", "optimizer", "train_state"):
@@ -439,13 +525,25 @@ def _short(names, limit=5):
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _rebuild(path, header):
+def _rebuild(path, header, tensors=None):
     """A fresh model of the saved class built from the saved config (random weights)."""
     name, config = header["model"]["class"], header["model"]["config"]
     spec = MODELS.get(name)
     if spec is None:
         raise CheckpointError(f"{path}: unknown model class {name!r} (known: {sorted(MODELS)}); import the code that "
                               "defines it and call tinymoe.checkpoint.register_model before loading")
+    if spec.num_parameters is not None and tensors is not None:
+        # Bound what the build may allocate by what the file holds: a header asking for far more (edited, or
+        # crafted with a matching checksum) is refused here. Within the bound the model is built and the exact
+        # names and shapes are compared (_load_into), which names every difference.
+        held = sum(int(a.size) for k, a in tensors.items() if k.startswith("model."))
+        try:
+            wanted = int(spec.num_parameters(config))
+        except Exception:  # a config the build itself will reject, with its own message
+            wanted = 0
+        if wanted > 4 * held + 2**22:
+            raise CheckpointError(f"{path}: the saved config asks for {wanted:,} parameters but the file holds "
+                                  f"{held:,}; the header does not match the weights - restore the file from a backup")
     try:
         return spec.build(spec.resolve(), config)
     except (TypeError, ValueError, KeyError) as e:
@@ -494,11 +592,12 @@ def load_checkpoint(path, model=None) -> Checkpoint:
     path = os.fspath(path)
     metadata, tensors = _read(path)
     header = _parse_header(path, metadata)
-    if header["sha256"] != _checksum(tensors):
-        raise CheckpointError(f"{path}: the tensor data does not match the checksum in the header; the file is "
-                              "corrupt - restore it from a backup or save it again")
+    if header["sha256"] != _checksum(tensors, metadata if header["format_version"] >= 2 else None):
+        raise CheckpointError(f"{path}: the file does not match the checksum in its header (tensors"
+                              f"{' and header' if header['format_version'] >= 2 else ''}); the file is corrupt or was "
+                              "edited - restore it from a backup or save it again")
     if model is None:
-        model = _rebuild(path, header)
+        model = _rebuild(path, header, tensors)
     _load_into(path, header, tensors, model)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     ck = Checkpoint(path=path, model=model, model_class=header["model"]["class"], train_state=header["train_state"],

@@ -5,6 +5,10 @@
     tinymoe routes RUN_DIR                                    # task x expert routing heatmap, per-layer load (PNG)
     tinymoe bench [--backend numba] [--json PATH]             # MoE layer vs dense-equivalent FFN, per backend
     tinymoe experiment NAME [--preset small]                  # the experiments of docs/design.md §7 (e1 .. e4)
+
+Every failure a user can cause (a bad config, data file, checkpoint or environment, a full disk, a diverged run)
+is ONE line on stderr, `tinymoe COMMAND: error: <the problem and the fix>`, and exit status 2. `--debug` (or
+TINYMOE_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     result = train_run(cfg, run_dir=args.run_dir, log=(lambda *a: None) if args.quiet else print,
-                       progress=not args.quiet, resume=args.resume)
+                       progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     _print_test(result["test"])
     print(f"\nrun folder: {result['dir']}  (metrics.jsonl, checkpoint.safetensors, results.json)")
     if result["plot"]:
@@ -83,6 +87,8 @@ def _bench(argv) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tinymoe", description="Mixture-of-Experts from scratch: train, inspect, "
                                      "benchmark.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also TINYMOE_DEBUG=1); "
+                        "accepted after the command too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a run (no arguments: the built-in multi-task demo)")
@@ -91,6 +97,7 @@ def main(argv=None) -> int:
                    help="override a config key, e.g. --set optim.steps=200 --set model.router=task")
     p.add_argument("--run-dir", help="write the run here instead of <out>/<name>-<time>")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir (deletes its files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-eval lines")
     p.set_defaults(fn=_train)
 
@@ -110,24 +117,57 @@ def main(argv=None) -> int:
     p.set_defaults(fn=None)
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("bench", "experiment"):  # they parse their own arguments
-        if argv[0] == "bench":
-            return _bench(argv[1:])
-        from .experiments import main as experiment_main
+    debug = "--debug" in argv or os.environ.get("TINYMOE_DEBUG", "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv else "?"
+    try:
+        if command in ("bench", "experiment"):  # they parse their own arguments
+            if command == "bench":
+                return _bench(argv[1:])
+            from .experiments import main as experiment_main
 
-        return experiment_main(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "train" and args.resume and not args.run_dir:
-        parser.error("--resume needs --run-dir RUN_DIR (the run to continue)")
+            return experiment_main(argv[1:])
+        args = parser.parse_args(argv)
+        if args.command == "train" and args.resume and not args.run_dir:
+            parser.error("--resume needs --run-dir RUN_DIR (the run to continue)")
+        return args.fn(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"tinymoe {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"tinymoe {command}: error: {describe_error(e)}", file=sys.stderr)
+        return 2
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for the user: the problem and the fix (the exception types that carry both print as they are)."""
+    import errno
+
     from .backends import BackendUnavailable
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .runs import RunFailed
+    from .train import TrainingDiverged
 
-    try:
-        return args.fn(args)
-    except (ConfigError, CheckpointError, BackendUnavailable) as e:
-        print(f"tinymoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    if isinstance(e, (ConfigError, CheckpointError, BackendUnavailable, RunFailed, TrainingDiverged)):
+        text = str(e)
+    elif isinstance(e, BrokenPipeError):
+        text = "the output was closed before tinymoe finished writing it (e.g. piped into head)"
+    elif isinstance(e, MemoryError):
+        text = "out of memory; make the model, the batch or the data smaller"
+    elif isinstance(e, OSError):
+        fix = {errno.ENOSPC: "free some disk space", errno.EROFS: "the file system is read-only: write elsewhere",
+               errno.EACCES: "no permission: write elsewhere or fix the permissions",
+               errno.ENOENT: "check the path"}.get(e.errno, "check the path and the disk")
+        text = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}; {fix}"
+    else:
+        text = (f"unexpected {type(e).__name__}: {e}. This is a bug in tinymoe: rerun with --debug for the "
+                "traceback and report it")
+    return " ".join(text.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -15,13 +15,18 @@
     [optim]                  # tinymoe.train.OptimConfig
     steps = 600
 
-Every key is checked: an unknown one is named with the closest known keys, a wrong type names the expected one.
+Every key is checked: an unknown one is named with the closest known keys, a wrong type names the expected one,
+and every value against its range (sizes ≥ 1, probabilities in [0, 1), finite rates, known names). Before
+anything is allocated, the run's memory is estimated (`estimate_memory`) and compared with the RAM available.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import math
+import os
+import stat
 import sys
 import types
 import typing
@@ -70,9 +75,14 @@ class DataConfig:
             raise ConfigError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
         if self.kind == "table" and not self.path:
             raise ConfigError("data.kind = 'table' needs data.path (a .csv or .npz file)")
+        if not all(isinstance(t, str) for t in self.tasks) or not all(
+                isinstance(c, str) for c in self.target_columns or ()):
+            raise ConfigError("data.tasks and data.target_columns must be lists of names (strings), got "
+                              f"{self.tasks} and {self.target_columns}")
         if self.kind == "sequence" and not self.tasks:
             raise ConfigError("data.tasks is empty; list at least one task, e.g. ['copy', 'reverse']")
-        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1) > 1e-6:
+        if (len(self.split) != 3 or _finite_all(self.split) or min(self.split) < 0
+                or abs(sum(self.split) - 1) > 1e-6):
             raise ConfigError(f"data.split must be 3 non-negative fractions (train, val, test) summing to 1, "
                               f"got {self.split}")
         for name in ("n_per_task", "seq_len", "vocab_size", "n", "d", "num_tasks", "num_clusters"):
@@ -86,6 +96,12 @@ class DataConfig:
                     make_task(task, self.seq_len, self.vocab_size)
                 except (ValueError, TypeError) as e:
                     raise ConfigError(f"data.tasks: {e}") from None
+
+
+def _finite_all(values):
+    """None when every value is a finite number, else a complaint (used as a truthy 'problem')."""
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    return None if ok else "not all finite numbers"
 
 
 @dataclass
@@ -134,6 +150,131 @@ DEMO = {
 }
 
 
+# ---- value rules: each returns None when the value is fine, else what it must be ------------------------------------
+
+
+def _size(v):
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else "an integer ≥ 1"
+
+
+def _count(v):
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "an integer ≥ 0"
+
+
+def _finite(v):
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "a finite number"
+
+
+def _positive(v):
+    return None if not _finite(v) and v > 0 else "a finite number > 0"
+
+
+def _non_negative(v):
+    return None if not _finite(v) and v >= 0 else "a finite number ≥ 0"
+
+
+def _probability(v):
+    return None if not _finite(v) and 0 <= v < 1 else "a probability in [0, 1)"
+
+
+def _correlation(v):
+    return None if not _finite(v) and -1 <= v <= 1 else "a correlation in [-1, 1]"
+
+
+def _one_of(*names):
+    def rule(v):
+        return None if v in names else f"one of {', '.join(map(repr, names))}"
+    return rule
+
+
+def _optional(rule):
+    return lambda v: None if v is None else rule(v)
+
+
+def _aux_weights(v):
+    from .losses import DEFAULT_WEIGHTS
+
+    if not isinstance(v, dict):
+        return f"a table of weights, e.g. {{dselect_entropy = 1e-5}} (names: {', '.join(DEFAULT_WEIGHTS)})"
+    for name, w in v.items():
+        if name not in DEFAULT_WEIGHTS:
+            return f"a table whose keys are auxiliary losses ({', '.join(DEFAULT_WEIGHTS)}); {name!r} is not one"
+        if _non_negative(w):
+            return f"a table of finite weights ≥ 0; {name} = {w!r} is not"
+    return None
+
+
+def _gates():
+    from .gates import GATES
+
+    return GATES
+
+
+def _activations():
+    from .activations import ACTIVATIONS
+
+    return tuple(ACTIVATIONS)
+
+
+def _rules(cls) -> dict:
+    """{field: rule} for the dataclass `cls` (the rules that do not depend on other fields)."""
+    from .model import ModelConfig
+
+    seed = _count
+    if cls is ModelConfig:
+        return {**{f: _size for f in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff",
+                                      "num_experts", "k", "num_tasks")},
+                "moe_every": _count, "num_shared_experts": _count, "gate": _one_of(*_gates()),
+                "capacity_factor": _optional(_positive), "priority": _one_of("slot", "weight"),
+                "head": _one_of("shared", "per_task"), "num_classes": _optional(_size),
+                "num_description_parts": _optional(_size), "dropout": _probability,
+                "activation": _one_of(*_activations()), "aux_weights": _aux_weights, "seed": seed}
+    if cls is MultiGateConfig:
+        return {"family": _one_of("multigate", "shared_bottom"), "num_experts": _size, "d_expert": _size,
+                "d_hidden": _optional(_size), "gate": _one_of("softmax", "top_k", "dselect_k"), "k": _size,
+                "tower_hidden": _size, "gamma": _positive, "aux_weights": _aux_weights, "seed": seed}
+    if cls is DataConfig:
+        return {**{f: _size for f in ("n_per_task", "seq_len", "vocab_size", "n", "d", "num_tasks", "num_clusters")},
+                "kind": _one_of(*DATA_KINDS), "rho": _correlation, "mode": _one_of("side_by_side", "overlay"),
+                "task_type": _one_of("regression", "classification"), "seed": seed}
+    if cls is OptimConfig:
+        from .train import OPTIMIZERS, SCHEDULES
+
+        return {"optimizer": _one_of(*OPTIMIZERS), "schedule": _one_of(*SCHEDULES), "lr": _positive,
+                "weight_decay": _non_negative, "momentum": _probability, "steps": _size, "batch_size": _size,
+                "warmup_steps": _count,
+                "min_lr_ratio": lambda v: None if not _finite(v) and 0 <= v <= 1 else "a number in [0, 1]",
+                "grad_clip": _optional(_positive), "eval_every": _size, "patience": _optional(_size),
+                "checkpoint_every": _optional(_size), "seed": seed}
+    if cls is RunConfig:
+        return {"name": lambda v: None if v and not set(v) & set("/\\\0") else "a non-empty name without / or \\",
+                "out": lambda v: None if v and "\0" not in v else "a folder path",
+                "backend": _one_of("auto", *backends.NAMES), "seed": seed}
+    return {}
+
+
+def _check_fields(cls, kwargs, section):
+    rules = _rules(cls)
+    for key, value in kwargs.items():
+        rule = rules.get(key)
+        problem = rule(value) if rule else None
+        if problem:
+            raise ConfigError(f"{section}.{key} must be {problem}, got {value!r}")
+
+
+def _check_together(obj, section):
+    """The rules that tie fields together (after the field rules, so no division by zero here)."""
+    from .model import ModelConfig
+
+    if isinstance(obj, ModelConfig):
+        if obj.d_model % obj.n_heads:
+            raise ConfigError(f"{section}.d_model = {obj.d_model} must be divisible by {section}.n_heads = "
+                              f"{obj.n_heads}; pick n_heads among {[h for h in range(1, 17) if obj.d_model % h == 0]}")
+    if isinstance(obj, (ModelConfig, MultiGateConfig)) and obj.gate != "softmax" and obj.k > obj.num_experts:
+        raise ConfigError(f"{section}.k = {obj.k} is more than {section}.num_experts = {obj.num_experts}; choose "
+                          "k ≤ num_experts")
+
+
 # ---- validation -----------------------------------------------------------------------------------------------------
 
 
@@ -159,7 +300,10 @@ def _coerce(value, hint, where):
         raise ConfigError(f"{where}: expected {_hint_name(hint)}, got {value!r}")
     base = origin or hint
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {str(value)[:12]}... is too large for a number") from None
     if base is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base in (str, bool, list, dict) and isinstance(value, base):
@@ -184,12 +328,15 @@ def from_dict(cls, values: dict, section: str):
         if key not in hints:
             raise ConfigError(f"unknown key {section}.{key}{_close(key, known)}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    _check_fields(cls, kwargs, section)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ZeroDivisionError) as e:
         raise ConfigError(f"[{section}] {e}") from None
+    _check_together(obj, section)
+    return obj
 
 
 def run_config_from_dict(values: dict) -> RunConfig:
@@ -201,9 +348,8 @@ def run_config_from_dict(values: dict) -> RunConfig:
         raise ConfigError(f"[model] must be a table of key = value, got {model!r}")
     top = from_dict(RunConfig, values, "run")
     cfg = dataclasses.replace(top, model=dict(model), **parsed)
-    if cfg.backend not in ("auto", *backends.NAMES):
-        raise ConfigError(f"backend must be auto or one of {', '.join(backends.NAMES)}, got {cfg.backend!r}")
     model_config(cfg, num_tasks=1, vocab_size=cfg.data.vocab_size)  # validate the model section now
+    check_memory(cfg)  # before any data or weights are allocated
     return cfg
 
 
@@ -230,18 +376,32 @@ def model_config(cfg: RunConfig, num_tasks, vocab_size=None, seq_len=None):
 
 
 def read_file(path) -> dict:
-    """A .toml or .json run config as a dict; a missing file or a syntax error is a ConfigError."""
+    """A .toml or .json run config as a dict; a missing or unreadable file, a syntax error or a top level that is
+    not a table is a ConfigError. Only regular files are opened (a FIFO or a device would block or never end)."""
+    kind = "JSON" if str(path).endswith(".json") else "TOML"
     try:
-        if str(path).endswith(".json"):
-            with open(path) as f:
-                return json.load(f)
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"config file {path} is not a regular file; pass a .toml or .json file")
+        if os.path.getsize(path) > 16 * 2**20:
+            raise ConfigError(f"config file {path} is larger than 16 MB; a run config is a few lines of TOML")
+        if kind == "JSON":
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        else:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if str(path).endswith('.json') else 'TOML'}: "
-                          f"{e}") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"config file {path} is not valid {kind}: {str(e).splitlines()[0] if str(e) else e!r}") \
+            from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e}); check the path and its "
+                          "permissions") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table of settings (name, [data], [model], "
+                          f"[optim]), got a {type(values).__name__}")
+    return values
 
 
 def parse_value(text: str):
@@ -281,3 +441,92 @@ def load_config(path=None, overrides=None) -> RunConfig:
         values["model"] = apply_overrides({}, [o for o in overrides or () if o.strip().startswith("model.")]).get(
             "model", {})
     return run_config_from_dict(values)
+
+
+# ---- memory estimate -------------------------------------------------------------------------------------------------
+
+
+def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_classes=None,
+                    num_examples=None) -> tuple[int, str]:
+    """(bytes, how they were counted): a rough upper estimate of what training `cfg` holds in memory at once.
+
+    Parameters count 7 times (weights, gradients, two Adam moments, the best-on-validation copy, the checkpoint's
+    copy being written, one spare) in float32. A step's activations are counted from the widest tensors the
+    autodiff graph keeps (about 12 of width d_model per layer and position, 4 of width d_ff per chosen expert,
+    the attention maps, the logits), for the larger of the training batch and the 512-example eval batch (which
+    keeps no graph, so it counts a quarter). The data counts its arrays and the three split copies.
+    For tabular data of unknown width (a table file, digits) pass `num_features`; None skips the model part.
+    """
+    from .checkpoint import multigate_parameters, transformer_parameters
+    from .model import ModelConfig
+
+    d, B, F32 = cfg.data, cfg.optim.batch_size, 4
+    if cfg.sequence:
+        n_examples = len(d.tasks) * d.n_per_task
+        data = n_examples * d.seq_len * 8 * 3 * 2  # tokens + targets + ids, int64, original + split copies
+        values = dict(cfg.model)
+        for key in _FROM_DATA:
+            values.pop(key, None)
+        c = ModelConfig(**{**values, "vocab_size": d.vocab_size, "max_seq_len": d.seq_len,
+                           "num_tasks": num_tasks or len(d.tasks)})
+        params = transformer_parameters(c)  # counted from the config, nothing built
+        L = d.seq_len
+        moe_layers = sum(1 for i in range(c.n_layers) if c.moe_every > 0 and (i + 1) % c.moe_every == 0)
+        per_example = L * (12 * c.d_model * c.n_layers + 4 * c.d_ff * (c.k * moe_layers + c.n_layers - moe_layers)
+                           + 3 * c.n_heads * L * c.n_layers + 2 * (c.num_classes or c.vocab_size)) * F32
+    else:
+        n_examples = num_examples or {"mmoe": d.n, "clustered": d.n, "digits": d.n}.get(d.kind, 0)
+        width = num_features or (d.d if d.kind in ("mmoe", "clustered") else None)
+        data = n_examples * ((width or 0) + (num_tasks or d.num_tasks)) * F32 * 2
+        if width is None:
+            return data, f"{n_examples:,} examples (model not counted: its input width comes from the data)"
+        c = from_dict(MultiGateConfig, {**cfg.model, "seed": 0}, "model")
+        T = num_tasks or (2 if d.kind == "mmoe" else d.num_tasks)
+        params = multigate_parameters(width, T, num_classes or 1, family=c.family, num_experts=c.num_experts,
+                                      d_expert=c.d_expert, d_hidden=c.d_hidden, gate=c.gate, k=c.k,
+                                      per_example=c.per_example, tower_hidden=c.tower_hidden)
+        per_example = (c.num_experts * ((c.d_hidden or c.d_expert) * 3 + c.d_expert * 2) + width
+                       + T * (c.num_experts * 4 + c.tower_hidden * 3)) * F32
+    activations = per_example * max(B, 512 // 4)
+    total = params * F32 * 7 + activations + data
+    return total, (f"{_number(params)} parameters, a batch of {B} ({_human(activations)} of activations), "
+                   f"{_number(n_examples)} examples")
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to a new allocation (Linux: MemAvailable), or None when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg: RunConfig, **data_sizes):
+    """ConfigError when the estimated memory of training `cfg` exceeds the RAM available now."""
+    need, how = estimate_memory(cfg, **data_sizes)
+    have = available_memory()
+    if have is not None and need > have:
+        raise ConfigError(f"this run needs about {_human(need)} of memory ({how}) but {_human(have)} is available; "
+                          "make it smaller (model.d_model, model.d_ff, model.num_experts, model.n_layers, "
+                          "optim.batch_size or the data sizes)")
+
+
+def _number(n) -> str:
+    return f"{n:,}" if n < 10**15 else f"~10^{len(str(int(n))) - 1}"
+
+
+def _human(n) -> str:
+    if n >= 1024**6:  # beyond any machine (and beyond what a float may hold): just the order of magnitude
+        return f"~10^{len(str(int(n))) - 1} B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"

@@ -10,7 +10,7 @@ reaches the router through `weights` only; the discrete choice has none.
 | softmax        | MMoE, Ma et al. 2018                   | logits (T, E)     | load_balance, z_loss                  |
 | top_k          | Shazeer et al. 2017; k=1 Switch        | logits (T, E)     | load_balance, z_loss                  |
 | noisy_top_k    | Shazeer et al. 2017, eq. 3-5           | logits + noise    | load_balance, importance_load, z_loss |
-| dselect_k      | Hazimeh et al. 2021, eq. 5-7           | (T, k·m + k)      | load_balance, dselect_entropy         |
+| dselect_k      | Hazimeh et al. 2021, eq. 5-7           | (T, k·m + k)      | load_balance, dselect_entropy (+ dselect_reachability if E ≠ 2^m) |
 | expert_choice  | Zhou et al. 2022, §3.1                 | logits (T, E)     | z_loss                                |
 | hash           | Roller et al. 2021                     | ids only          | —                                     |
 
@@ -158,20 +158,25 @@ def dselect_selector(z: Tensor, num_experts, gamma=1.0) -> Tensor:
 
 
 def dselect_k_weights(z: Tensor, alpha: Tensor, num_experts, gamma=1.0, training=True):
-    """q = Σ_l softmax(α)_l · r(z⁽ˡ⁾) (Hazimeh et al. 2021, eq. 5), and the regulariser.
+    """q = Σ_l softmax(α)_l · r(z⁽ˡ⁾) (Hazimeh et al. 2021, eq. 5), and the regularisers.
 
-    z (..., k, m), alpha (..., k) -> q (..., E), aux. Aux (training only): the entropy of each selector,
-    Σ_l H(r(z⁽ˡ⁾)) with H(p) = −Σ p log(p + 1e-6) (eq. 7), plus, when E is not a power of two, Σ_l 1/Σ_i r_i
-    so unreachable codes cannot hold the mass. Both averaged over leading (example) dimensions.
+    z (..., k, m), alpha (..., k) -> q (..., E), aux. Aux (training only), each averaged over the leading
+    (example) dimensions:
+    * "dselect_entropy": Σ_l H(r(z⁽ˡ⁾)) with H(p) = −Σ p log(p + 1e-6) (eq. 7), which pushes each selector to
+      become one-hot (a small weight, 1e-6 by default);
+    * "dselect_reachability", only when E is not a power of two: Σ_l 1/Σ_i r(z⁽ˡ⁾)_i. With m = ⌈log2 E⌉ bits
+      there are 2^m − E codes that name no expert; a selector drifting onto one loses its mass (Σ_i r_i → 0) and
+      q stops summing to 1. The term grows without bound as that happens, so it is weighted 1 (as the authors'
+      layer adds it), independently of the entropy regulariser.
     """
     r = dselect_selector(z, num_experts, gamma)  # (..., k, E)
     q = (F.softmax(alpha, axis=-1)[..., None] * r).sum(axis=-2)  # (..., E)
     aux = {}
     if training:
         entropy = -(r * (r + 1e-6).log()).sum(axis=-1).sum(axis=-1)  # (...,)
-        if num_experts & (num_experts - 1):  # not a power of two
-            entropy = entropy + (1.0 / r.sum(axis=-1)).sum(axis=-1)
         aux["dselect_entropy"] = entropy.mean()
+        if num_experts & (num_experts - 1):  # not a power of two: some codes are unreachable
+            aux["dselect_reachability"] = (1.0 / r.sum(axis=-1)).sum(axis=-1).mean()
     return q, aux
 
 
@@ -190,10 +195,12 @@ def dselect_k_gate(h: Tensor, num_experts, k, gamma=1.0, training=True) -> Routi
 
 
 def routing_from_dense(q: Tensor, aux=None) -> Routing:
-    """A dense weight matrix (T, E) as a routing over all E slots, computing only the nonzero ones."""
+    """A dense weight matrix (T, E) as a routing over all E slots, computing only the nonzero ones.
+
+    A NaN weight (a NaN token) counts as nonzero, so the NaN reaches the output instead of a silent 0."""
     idx = descending(q.data)
     weights = _pick(q, idx)
-    return Routing(idx, weights, weights.data > 0, q, None, dict(aux or {}))
+    return Routing(idx, weights, weights.data != 0, q, None, dict(aux or {}))
 
 
 # ---- expert choice, hash ---------------------------------------------------------------------------------------------
@@ -201,7 +208,8 @@ def expert_choice_gate(logits: Tensor, capacity: int) -> Routing:
     """Each expert takes its top-C tokens by S = softmax(h) (Zhou et al. 2022, eq. 1-2).
 
     Perfect balance: every expert gets exactly C = min(capacity, T) tokens; a token may get several experts or none.
-    Ties go to the lower token index. Not causal (it looks at the whole batch).
+    Ties go to the lower token index. Not causal (it looks at the whole batch). A token whose scores are NaN (a
+    NaN input) is given to every expert, so its output is NaN rather than a silent 0 from "no expert chose it".
     """
     T, E = logits.shape
     probs = F.softmax(logits, axis=-1)  # (T, E)
@@ -209,6 +217,7 @@ def expert_choice_gate(logits: Tensor, capacity: int) -> Routing:
     chosen = np.zeros((T, E), dtype=bool)
     top_tokens = descending(probs.data.T)[:, :C]  # (E, C)
     chosen[top_tokens, np.arange(E)[:, None]] = True
+    chosen |= np.isnan(probs.data)  # NaN in, NaN out
     idx = np.broadcast_to(np.arange(E), (T, E)).copy()  # slot j is expert j
     return Routing(idx, probs, chosen, probs, logits)
 

@@ -5,12 +5,17 @@
 | load_balance    | E · Σ_i f_i · P_i (Switch, Fedus et al. 2022 eq. 4) | 1, when f and P are uniform | 1e-2        |
 | importance_load | CV(Σ_x g(x))² + CV(load)² (Shazeer et al. 2017 eq. 6-11) | 0, balanced        | 1e-2           |
 | z_loss          | mean_x logsumexp(h(x))² (ST-MoE, Zoph et al. 2022 eq. 5) | small logits → 0   | 1e-3           |
-| dselect_entropy | Σ_l H(r(z⁽ˡ⁾)) (+ Σ_l 1/Σ_i r_i if E ≠ 2^m) (Hazimeh et al. 2021) | 0, one-hot selectors | 1e-6 |
+| dselect_entropy | Σ_l H(r(z⁽ˡ⁾)) (Hazimeh et al. 2021, eq. 7)    | 0, one-hot selectors        | 1e-6           |
+| dselect_reachability | Σ_l 1/Σ_i r_i, only when E ≠ 2^m (Hazimeh et al. 2021) | k, all mass on real experts | 1 |
 
 f_i is the share of the (kept-by-the-gate) assignments sent to expert i and P_i the mean router probability of
 expert i. Only P carries a gradient (f comes from an argmax). A load-balance value of 1.0 therefore does not mean
 "balanced" unless f is uniform too: plot f_i and P_i per expert per layer (`MoE.last_routing`), and dropped
 assignments, rather than reading the scalar alone.
+
+DSelect-k's reachability term keeps its own name and weight 1 (the authors' layer adds it unweighted, always): with
+E not a power of two, 2^m − E of the m-bit codes name no expert, and a selector that settles on one sends its
+weight nowhere (Σ_i r_i = 0, so 1/Σ_i r_i = ∞). Weighted like the entropy (1e-6) it cannot stop that drift.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import numpy as np
 from . import functional as F
 from .engine import Tensor
 
-DEFAULT_WEIGHTS = {"load_balance": 1e-2, "importance_load": 1e-2, "z_loss": 1e-3, "dselect_entropy": 1e-6}
+DEFAULT_WEIGHTS = {"load_balance": 1e-2, "importance_load": 1e-2, "z_loss": 1e-3, "dselect_entropy": 1e-6,
+                   "dselect_reachability": 1.0}
 
 
 def aux_weights(overrides, where) -> dict:

@@ -6,19 +6,25 @@ A run folder holds
     checkpoint.safetensors   weights + optimizer state + training state (tinymoe.checkpoint)
     results.json             per-task test metrics of the final (best-on-val) model
     routes.png               task x expert routing heatmaps and per-layer expert load (when matplotlib is there)
+    .lock                    an empty file a running `tinymoe train` holds a lock on (flock), so two runs never share it
+
+Every file is written atomically (temporary file + rename) except metrics.jsonl, which is only appended to and, on
+resume, cut back to the last record the checkpoint covers: a run killed at any moment resumes exactly.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import shutil
 from datetime import datetime
 
 import numpy as np
 
 from . import backends, data as D
-from .config import ConfigError, RunConfig, model_config, run_config_from_dict
+from .config import ConfigError, RunConfig, check_memory, model_config, run_config_from_dict
 from .engine import no_grad
 
 
@@ -49,7 +55,12 @@ def _build_data(cfg: RunConfig) -> dict:
         ds = D.multi_digits(d.mode, n=d.n, seed=seed)
     else:
         ds = D.load_table(d.path, d.target_columns, task_type=d.task_type)
-    return D.train_val_test_split(ds, tuple(d.split), seed=seed)
+    splits = D.train_val_test_split(ds, tuple(d.split), seed=seed)
+    empty = [name for name, part in splits.items() if len(part) == 0]
+    if empty:  # an empty split would train on nothing, or write NaN metrics
+        raise ConfigError(f"[data] {len(ds)} examples leave the {' and '.join(empty)} split(s) empty with data.split = "
+                          f"{list(d.split)}; use more examples (at least one per split), or change data.split")
+    return splits
 
 
 def _model_config(cfg: RunConfig, train):
@@ -81,65 +92,244 @@ def build_model(cfg: RunConfig, train):
                         out_dim=out_dim, gamma=mc.gamma, aux_weights=mc.aux_weights or None)
 
 
+def resolve_backend(name) -> str:
+    """The backend a run uses, checked before anything is written: the config's, or for `auto` the environment's
+    TINYMOE_BACKEND when set, else numba when it is installed, else the NumPy reference. A TINYMOE_BACKEND that
+    names no usable backend is an error even when the config names its own (it would fail elsewhere later)."""
+    env = os.environ.get("TINYMOE_BACKEND", "").strip()
+    if env:
+        try:
+            backends.load(env)
+        except backends.BackendUnavailable as e:
+            raise backends.BackendUnavailable(f"TINYMOE_BACKEND={env}: {e}; unset it or pick one of "
+                                              f"{backends.available()}") from None
+    if name == "auto":
+        name = env or ("numba" if "numba" in backends.available() else "numpy")
+    backends.load(name)  # BackendUnavailable with the reason and the install command
+    return name
+
+
 @contextlib.contextmanager
 def run_backend(name):
-    """`auto`: numba when it is installed, else the NumPy reference. Yields the backend's name."""
-    if name == "auto":
-        name = "numba" if "numba" in backends.available() else "numpy"
+    """Run on the backend `resolve_backend(name)` picks. Yields its name."""
+    name = resolve_backend(name)
     with backends.use_backend(name):
         yield name
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "results.json", "routes.png")
+
+
 def new_run_dir(cfg: RunConfig) -> str:
+    """A fresh folder <out>/<name>-<time> (a suffix -1, -2, ... when it exists)."""
+    if os.path.lexists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ConfigError(f"out = {cfg.out!r} exists and is not a folder; set out to a folder for the run folders")
     base = os.path.join(cfg.out, f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
     path, i = base, 1
-    while os.path.exists(path):
-        path, i = f"{base}-{i}", i + 1
-    os.makedirs(path)
-    return path
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            if i > 1000:
+                raise
+            path, i = f"{base}-{i}", i + 1
 
 
-def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False) -> dict:
-    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "seconds", "plot"}."""
+def holds_run(run_dir) -> bool:
+    """Whether `run_dir` holds (part of) a run."""
+    return any(os.path.lexists(os.path.join(run_dir, name)) for name in RUN_FILES)
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a run writes to it (a second run gets a clear error).
+
+    An advisory `flock` on RUN_DIR/.lock (an empty file, never rewritten): the kernel drops the lock when the
+    process ends, even on SIGKILL, so a lock is never stale. No-op where fcntl is missing (Windows)."""
+
+    def __init__(self, run_dir):
+        self.path, self.fd = os.path.join(run_dir, ".lock"), None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise  # e.g. no locks on this file system: the CLI names the error
+            raise ConfigError(f"{os.path.dirname(self.path)} is in use by another tinymoe run; wait for it to "
+                              "finish, or train into another --run-dir") from None
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def remove_stale_temp_files(run_dir):
+    """Delete the temporary files of writes that were killed before their rename (.NAME.PID.RANDOM.tmp)."""
+    for name in os.listdir(run_dir):
+        if name.startswith(".") and (name.endswith(".tmp") or ".tmp." in name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(run_dir, name))
+
+
+def write_json(path, value):
+    """Write JSON atomically (temporary file + rename): a reader sees the old file or the new one, never half."""
+    from .checkpoint import _write_atomic
+
+    _write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def read_json(path, what) -> dict:
+    """A run's JSON file as a dict; anything else is a ConfigError naming the file."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"{path} is not a regular file; the {what} must be a JSON file")
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e}); the run folder is damaged - train it again "
+                          "with --overwrite") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: the {what} is not a JSON object; the run folder is damaged - train it again "
+                          "with --overwrite")
+    return value
+
+
+class RunFailed(RuntimeError):
+    """Training stopped on an error after the run folder was set up; the message says what is kept and what next."""
+
+
+def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False, overwrite=False) -> dict:
+    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "plot", "model"}.
+
+    Everything is checked before anything is written (config, backend, data, memory, the folder). A folder that
+    already holds a run needs `resume` (continue it) or `overwrite` (replace it). The folder is locked while
+    the run uses it. If training fails before the first checkpoint, nothing of the run is left behind; after it,
+    the last good checkpoint is kept and the error says how to resume.
+    """
     from .train import evaluate, fit
 
     import importlib.util
 
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one (resume continues the run, "
+                          "overwrite replaces it)")
     if importlib.util.find_spec("safetensors") is None:
         raise ConfigError("a run writes safetensors checkpoints: pip install 'tinymoe[train]' (safetensors, tqdm)")
+    backend = resolve_backend(cfg.backend)
+    if run_dir is not None:
+        if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+            raise ConfigError(f"--run-dir {run_dir} exists and is not a folder; pass a folder path")
+        if not resume and not overwrite and os.path.isdir(run_dir) and holds_run(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume, or replace it with "
+                              "--overwrite")
+    config_path = os.path.join(run_dir, "config.json") if run_dir else None
+    if resume and not os.path.isfile(config_path):
+        raise ConfigError(f"--resume: no checkpoint to resume in {run_dir} (no config.json there); train without "
+                          "--resume first")
     splits = build_data(cfg)
+    if not cfg.sequence:  # now the input width is known: the model's memory too, before it is allocated
+        train = splits["train"]
+        check_memory(cfg, num_features=train.num_features, num_tasks=train.num_tasks, num_examples=len(train),
+                     num_classes=train.num_classes if train.task_type == "classification" else None)
     try:
         model = build_model(cfg, splits["train"])  # before anything is written: a bad [model] leaves no folder
     except (ValueError, TypeError) as e:
         raise ConfigError(f"[model] {e}") from None
     cfg = resolved_config(cfg, splits["train"])  # config.json keeps every model default, not just the overrides
-    run_dir = run_dir or new_run_dir(cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    config_path = os.path.join(run_dir, "config.json")
-    if resume and os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
+    if resume:
+        saved = read_json(config_path, "run config")
         for section in ("data", "model"):
             if saved.get(section) != cfg.to_dict()[section]:
                 raise ConfigError(f"--resume: [{section}] differs from the run's config.json; resume with the same "
                                   f"settings (tinymoe train --config {config_path} --run-dir {run_dir} --resume)")
-    with open(config_path, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+
+    created = run_dir is None or not os.path.exists(run_dir)
+    if run_dir is None:
+        run_dir = new_run_dir(cfg)
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+    try:
+        lock = RunLock(run_dir).__enter__()
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    try:
+        return _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate)
+    except BaseException:
+        ckpt = os.path.join(run_dir, "checkpoint.safetensors")
+        if not resume and not os.path.exists(ckpt):  # nothing worth keeping: leave no half-written run behind
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                for name in RUN_FILES:
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(run_dir, name))
+        raise
+    finally:
+        lock.__exit__()
+
+
+def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate):
+    from .train import TrainingDiverged
+
+    remove_stale_temp_files(run_dir)
+    config_path = os.path.join(run_dir, "config.json")
+    ckpt_path = os.path.join(run_dir, "checkpoint.safetensors")
+    if overwrite:
+        for name in RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, name))
+    if not resume or read_json(config_path, "run config") != json.loads(json.dumps(cfg.to_dict())):
+        write_json(config_path, cfg.to_dict())  # a resume may change [optim] (e.g. more steps): keep it current
     optim = cfg.optim if cfg.optim.seed else dataclasses.replace(cfg.optim, seed=cfg.seed)
-    with run_backend(cfg.backend) as backend:
-        log(f"run {run_dir}: {type(model).__name__}, {model.num_parameters():,} parameters, backend {backend}, "
-            f"{len(splits['train'])} training examples, {splits['train'].num_tasks} tasks")
-        history = fit(model, splits["train"], splits["val"], optim, run_dir=run_dir, resume=resume, log=log,
-                      progress=progress)
-        test = evaluate(model, splits["test"])
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
+    from_checkpoint = resume and os.path.exists(ckpt_path)  # killed before the first checkpoint: start over
+    try:
+        with backends.use_backend(backend):
+            log(f"run {run_dir}: {type(model).__name__}, {model.num_parameters():,} parameters, backend {backend}, "
+                f"{len(splits['train'])} training examples, {splits['train'].num_tasks} tasks"
+                + (", resumed" if from_checkpoint else ""))
+            history = fit(model, splits["train"], splits["val"], optim, run_dir=run_dir, resume=from_checkpoint,
+                          log=log, progress=progress)  # without a checkpoint: from step 0, metrics emptied
+            test = evaluate(model, splits["test"])
         steps = history[-1]["step"] if history else cfg.optim.steps  # resuming a finished run logs nothing new
-        json.dump({"test": test, "backend": backend, "steps": steps}, f, indent=2)
-    plot = None
-    if has_routing(model):
-        with contextlib.suppress(ImportError):
-            plot = plot_routes(model, splits["test"], os.path.join(run_dir, "routes.png"))
+        write_json(os.path.join(run_dir, "results.json"), {"test": test, "backend": backend, "steps": steps})
+        plot = None
+        if has_routing(model):
+            with contextlib.suppress(ImportError), backends.use_backend(backend):
+                plot = plot_routes(model, splits["test"], os.path.join(run_dir, "routes.png"))
+    except (OSError, MemoryError, TrainingDiverged) as e:
+        raise RunFailed(_failure(e, run_dir)) from e
     return {"dir": run_dir, "test": test, "backend": backend, "plot": plot, "model": model}
+
+
+def _failure(e, run_dir) -> str:
+    """One line: what failed while training into run_dir, what is kept, what to do."""
+    kept = os.path.exists(os.path.join(run_dir, "checkpoint.safetensors"))
+    then = (f"the last good checkpoint is kept: fix that, then tinymoe train --config {run_dir}/config.json "
+            f"--run-dir {run_dir} --resume" if kept else "no checkpoint was written, so nothing of the run is kept")
+    if isinstance(e, MemoryError):
+        return f"out of memory while training; make the model or batch smaller ({then})"
+    if not isinstance(e, OSError):
+        return f"{e} ({then})"
+    where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+    fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
+           errno.EROFS: "the file system is read-only: pick a writable --run-dir",
+           errno.EACCES: "no permission: pick a writable --run-dir", errno.EPERM: "no permission: pick a writable "
+           "--run-dir"}.get(e.errno, "check the disk and the folder")
+    return f"{e.strerror or e}{where}; {fix} ({then})"
 
 
 def resolved_config(cfg: RunConfig, train) -> RunConfig:
@@ -153,20 +343,46 @@ def resolved_config(cfg: RunConfig, train) -> RunConfig:
 
 
 def load_run(run_dir):
-    """(RunConfig, model with the checkpoint's weights, splits) of a finished run folder."""
-    from .checkpoint import load_checkpoint
+    """(RunConfig, model with the checkpoint's weights, splits) of a finished run folder.
+
+    The model is built from the run's config.json, and the checkpoint must hold that very model: a checkpoint
+    whose saved config differs (copied in from another run, or config.json edited) is refused, naming the keys."""
+    from .checkpoint import CheckpointError, MODELS, load_checkpoint, read_header
 
     path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder `tinymoe train` printed")
-    with open(path) as f:
-        cfg = run_config_from_dict(json.load(f))
-    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.safetensors"))
+    cfg = run_config_from_dict(read_json(path, "run config"))
+    splits = build_data(cfg)
+    try:
+        model = build_model(cfg, splits["train"])
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: [model] {e}") from None
+    ckpt_path = os.path.join(run_dir, "checkpoint.safetensors")
+    header = read_header(ckpt_path)
+    spec = MODELS.get(header["model"]["class"])
+    mine = json.loads(json.dumps(spec.get_config(model))) if spec is not None else None
+    saved = header["model"]["config"]
+    if spec is None or type(model) is not spec.resolve() or mine != saved:
+        keys = sorted(k for k in set(mine or {}) | set(saved) if (mine or {}).get(k) != saved.get(k))
+        raise CheckpointError(f"{ckpt_path}: the checkpoint's model ({header['model']['class']}) differs from the "
+                              f"run's config.json in {_short_keys(keys) or 'its class'}; it belongs to another run - "
+                              "evaluate that run's folder, or retrain this one with --overwrite")
+    ckpt = load_checkpoint(ckpt_path, model=model)
     model = ckpt.model  # the last weights (the resume point) ...
-    if ckpt.train_state.get("has_best"):  # ... but the run's result is the best-on-validation model
-        model.load_state_dict({k[len("best."):]: v for k, v in ckpt.extra_tensors.items() if k.startswith("best.")})
+    if (ckpt.train_state or {}).get("has_best"):  # ... but the run's result is the best-on-validation model
+        best = {k[len("best."):]: v for k, v in ckpt.extra_tensors.items() if k.startswith("best.")}
+        try:
+            model.load_state_dict(best)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{ckpt_path}: the best-on-validation weights do not fit the model ({e}); the file "
+                                  "is damaged - restore it or retrain with --overwrite") from None
     model.eval()
-    return cfg, model, build_data(cfg)
+    return cfg, model, splits
+
+
+def _short_keys(keys, limit=4):
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def has_routing(model) -> bool:
@@ -252,6 +468,15 @@ def plot_routes(model, data, path) -> str:
     ax.set_xlabel("expert")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp.png")  # atomic: render aside, then rename
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return path

@@ -56,16 +56,24 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0,
+               f"weight_decay must be a finite number ≥ 0, got {self.weight_decay!r}")
+        _check(_finite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
         for name in ("steps", "batch_size", "eval_every"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+            _check(_integer(getattr(self, name)) and getattr(self, name) >= 1,
                    f"{name} must be an integer ≥ 1, got {getattr(self, name)!r}")
-        _check(self.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
-        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        _check(self.patience is None or self.patience >= 1, f"patience must be ≥ 1 or None, got {self.patience}")
-        _check(self.checkpoint_every is None or self.checkpoint_every >= 1,
-               f"checkpoint_every must be ≥ 1 or None, got {self.checkpoint_every}")
+        _check(_integer(self.warmup_steps) and self.warmup_steps >= 0,
+               f"warmup_steps must be an integer ≥ 0, got {self.warmup_steps!r}")
+        _check(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
+               f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        _check(self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+               f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
+        _check(self.patience is None or (_integer(self.patience) and self.patience >= 1),
+               f"patience must be an integer ≥ 1 or None, got {self.patience!r}")
+        _check(self.checkpoint_every is None or (_integer(self.checkpoint_every) and self.checkpoint_every >= 1),
+               f"checkpoint_every must be an integer ≥ 1 or None, got {self.checkpoint_every!r}")
+        _check(_integer(self.seed) and self.seed >= 0, f"seed must be an integer ≥ 0, got {self.seed!r}")
 
     def lr_at(self, step) -> float:
         """The learning rate of optimizer step `step` (0-based)."""
@@ -77,6 +85,14 @@ class OptimConfig:
 def _check(condition, message):
     if not condition:
         raise ValueError(f"OptimConfig: {message}")
+
+
+def _finite(v):
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 class TrainingDiverged(RuntimeError):
@@ -241,8 +257,8 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
         state, best["weights"] = _restore(ckpt_path, model, opt, batches)
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
-        _drop_records_after(os.path.join(run_dir, "metrics.jsonl"), state.step if resume else 0)
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if run_dir else None
+        _truncate_records_after(os.path.join(run_dir, "metrics.jsonl"), state.step if resume else 0)
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "ab") if run_dir else None
     bar = _progress(optim.steps, state.step, progress)
     model.train()
     started = time.perf_counter()
@@ -309,11 +325,12 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
                 record["early_stop"] = stop
             history.append(record)
             if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                _append_record(metrics_file, record)
             if log:
                 log(_format_record(record))
             if ckpt_path and (stop or last or (optim.checkpoint_every and state.step % optim.checkpoint_every == 0)):
+                if metrics_file:  # the records up to the checkpoint are on disk before it is
+                    os.fsync(metrics_file.fileno())
                 _save(ckpt_path, model, opt, batches, state, best["weights"])
             if stop:
                 break
@@ -321,15 +338,38 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
             _save(ckpt_path, model, opt, batches, state, best["weights"])
 
 
-def _drop_records_after(path, step):
-    """Keep only the metrics records up to `step` (all of them gone for a fresh run; a resumed run re-logs the
-    steps after its checkpoint, so the file reads as if the run had never been interrupted)."""
+def _append_record(f, record):
+    """One record, one line, appended in one write: a kill leaves at most a partial last line, which a resume cuts."""
+    f.write((json.dumps(record) + "\n").encode())
+    f.flush()
+
+
+def _truncate_records_after(path, step):
+    """Cut metrics.jsonl after the last complete record with record["step"] ≤ `step` (the whole file for a fresh run).
+
+    The file is only ever appended to and cut at a line boundary, never rewritten, so a kill at any moment leaves
+    every record before it intact. A resumed run re-logs the steps after its checkpoint, so the file reads as if the
+    run had never been interrupted; a half-written last line (a kill during a write) is cut too."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    keep = 0
+    if step > 0:
+        with open(path, "rb") as f:
+            offset = 0
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # the partial line of an interrupted write
+                try:
+                    record = json.loads(line)
+                    record_step = record["step"]
+                except (ValueError, KeyError, TypeError):
+                    break  # not one of ours: keep what comes before it
+                if not isinstance(record_step, int) or record_step > step:
+                    break
+                offset += len(line)
+                keep = offset
+    if os.path.getsize(path) != keep:
+        os.truncate(path, keep)
 
 
 def _routing_record(model) -> dict:
@@ -387,12 +427,49 @@ def _restore(path, model, opt, batches):
     ckpt = load_checkpoint(path, model=model)
     if ckpt.optimizer_state:
         opt.load_state_dict(ckpt.optimizer_state)
-    raw = dict(ckpt.train_state)
-    has_best = raw.pop("has_best", False)
-    state = TrainState(**raw)
-    batches.rng.bit_generator.state = state.batch_rng
+    state, has_best = _train_state(path, ckpt.train_state, batches.n)
+    try:
+        batches.rng.bit_generator.state = state.batch_rng
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: train_state.batch_rng is not a generator state ({e}); the checkpoint is "
+                              "damaged - restore it or train again without resume") from None
     batches.order, batches.pos = np.asarray(state.epoch_order, dtype=np.int64), state.epoch_pos
     best = None
     if has_best:
         best = {k[len("best."):]: v for k, v in ckpt.extra_tensors.items() if k.startswith("best.")}
+        if set(best) != set(model.state_dict()):
+            raise CheckpointError(f"{path}: train_state says there are best weights, but the file holds "
+                                  f"{len(best)} of {len(model.state_dict())}; the checkpoint is damaged")
     return state, best
+
+
+def _train_state(path, raw, n) -> tuple[TrainState, bool]:
+    """The checkpoint's train_state checked field by field (a CheckpointError names the first bad one)."""
+    from .checkpoint import CheckpointError
+
+    def bad(what):
+        return CheckpointError(f"{path}: train_state {what}; the checkpoint is damaged or was not written by fit - "
+                               "restore it, or train again without resume")
+
+    if not isinstance(raw, dict):
+        raise bad(f"is {type(raw).__name__}, not a dict")
+    raw = dict(raw)
+    has_best = raw.pop("has_best", False)
+    fields = {f.name for f in TrainState.__dataclass_fields__.values()}
+    if set(raw) != fields or not isinstance(has_best, bool):
+        raise bad(f"has the keys {sorted(raw)}, expected {sorted(fields)} and has_best")
+    state = TrainState(**raw)
+    for name in ("step", "epoch_pos", "evals_since_best", "loss_count"):
+        if not _integer(getattr(state, name)) or getattr(state, name) < 0:
+            raise bad(f"{name} = {getattr(state, name)!r} is not an integer ≥ 0")
+    order = state.epoch_order
+    if (not isinstance(order, list) or len(order) != n or not all(_integer(i) for i in order)
+            or sorted(order) != list(range(n))):
+        raise bad(f"epoch_order is not a permutation of the {n} training examples")
+    if state.epoch_pos > n:
+        raise bad(f"epoch_pos = {state.epoch_pos} is past the {n} training examples")
+    if not _finite(state.loss_sum) or not (state.best is None or _finite(state.best)):
+        raise bad("loss_sum or best is not a finite number")
+    if not isinstance(state.batch_rng, dict):
+        raise bad("batch_rng is not a generator state")
+    return state, has_best

@@ -11,11 +11,15 @@ Every error names the file, the column (and row) at fault, and what to do about 
 from __future__ import annotations
 
 import csv
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .containers import TASK_TYPES, TabularTasks
+
+MAX_SPARSE_CLASSES = 1000  # labels may skip ids, but C may exceed the number of rows only up to this
 
 
 def _read_csv(path):
@@ -60,12 +64,23 @@ def _csv_column(path, name, cells, lines):
 
 def _read_npz(path):
     """-> ({column: 1-D array}, default targets, default features) for either .npz layout (None: not known)."""
-    with np.load(path, allow_pickle=False) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"load_table: {path} is not a readable .npz archive ({type(e).__name__}: {e}); it is "
+                         f"truncated or not made by np.savez - write it again") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy renamed .npz
+        raise ValueError(f"load_table: {path} is a single array, not an .npz archive of named columns; save it "
+                         f"with np.savez(path, x=..., y=...)")
+    with archive:
         try:
             arrays = {key: archive[key] for key in archive.files}
         except ValueError as e:                        # object arrays need pickle, which we never load
             raise ValueError(f"load_table: {path} holds object arrays ({e}); save numbers as numeric arrays and "
                              f"names as fixed-width strings, e.g. np.array(names, dtype=str)") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"load_table: {path}: an array in the archive is corrupt ({type(e).__name__}: {e}); "
+                             f"write the file again") from None
     if "x" in arrays and "y" in arrays:                # the x / y layout
         x, y = arrays["x"], arrays["y"]
         x = x[:, None] if x.ndim == 1 else x           # (N, d)
@@ -114,6 +129,8 @@ def load_table(path, target_columns=None, feature_columns=None, task_type="regre
     path = Path(path)
     if task_type not in TASK_TYPES:
         raise ValueError(f"load_table: task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"load_table: {str(path)!r} is not a regular file; pass a .csv or .npz file")
     if not path.is_file():
         raise FileNotFoundError(f"load_table: no such file {str(path)!r}; check the path (relative paths start "
                                 f"from {str(Path.cwd())!r})")
@@ -171,5 +188,9 @@ def load_table(path, target_columns=None, feature_columns=None, task_type="regre
                                  f"{where(bad[0])}; labels must be integers 0..C-1 (map class names to ids "
                                  f"first, or use task_type='regression')")
         num_classes = int(y.max()) + 1
+        if num_classes > max(len(y), MAX_SPARSE_CLASSES):  # a label of 10**6 would build a million-class head
+            raise ValueError(f"load_table: {path}: classification labels go up to {int(y.max())}: more classes than "
+                             f"rows ({len(y)}) and than {MAX_SPARSE_CLASSES}; labels must be class ids 0..C-1 - remap "
+                             f"them first, e.g. np.unique(labels, return_inverse=True)[1]")
     return TabularTasks(x=x, y=y, task_names=targets, task_type=task_type, num_classes=num_classes,
                         meta=dict(path=str(path), feature_names=features))
