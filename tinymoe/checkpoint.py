@@ -180,7 +180,7 @@ def _shared_bottom_parameters(c):
 
 MODELS: dict[str, ModelSpec] = {
     "tinymoe.MoETransformer": ModelSpec(MoETransformer, _dataclass_config, _build_transformer, _transformer_parameters),
-    "tinymoe.nn.MoE": ModelSpec(nn.MoE, _dict_config, _build_from_kwargs, _moe_parameters),
+    "tinymoe.nn.MoE": ModelSpec(nn.MoE, _dataclass_config, _build_from_kwargs, _moe_parameters),
     "tinymoe.nn.MultiGateMoE": ModelSpec(nn.MultiGateMoE, _dict_config, _build_from_kwargs, _multigate_parameters),
     "tinymoe.nn.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs, _shared_bottom_parameters),
     # the name files written before SharedBottom moved into tinymoe.nn carry (read only: saving uses the one above)
