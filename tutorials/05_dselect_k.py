@@ -153,6 +153,11 @@ print("final weights per task:\n", final.round(3))
 nonzero = (final > 1e-6).sum(axis=1)
 print("experts with nonzero weight per task:", nonzero)
 
+# %% [markdown]
+# Every weight that is not in the final selection falls to *exactly* zero (not just small): once a smooth step
+# saturates, its gradient is zero and it stays there. Both selectors of a task may settle on the same expert, so a
+# task can end up with fewer than k experts — the printed weights show whether that happened here.
+
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
 steps = np.arange(1, len(trace) + 1) * 10

@@ -149,6 +149,14 @@ print("expert of each part:", expert_of_part)
 ours = [sorted(np.argsort(-(P[p].sum(0) @ U + b))[:2].tolist()) for p in seen]  # top-2 of h for each seen task
 theirs = [np.flatnonzero(row).tolist() for row in usage["task (description)"]]
 print("top-2 from scratch:", ours, "\nused by the layer:  ", theirs)
+# and the combine weights: a softmax over each task's two largest logits
+first = [np.flatnonzero(test_set[2] == t)[0] for t in range(len(seen))]   # one example of each task
+h_tasks = np.stack([P[p].sum(0) @ U + b for p in seen])                   # (tasks, E)
+top2 = np.sort(h_tasks, axis=1)[:, ::-1][:, :2]
+w_ours = np.exp(top2) / np.exp(top2).sum(1, keepdims=True)
+desc(tm.Tensor(test_set[0]), task_ids=test_set[2])
+weight_diff = np.abs(w_ours - desc.last_routing.weights[first]).max()
+print(f"max |combine weights ours − layer| = {weight_diff:.1e}")
 
 # %% [markdown]
 # ## An unseen task, routed from its description (zero-shot)
@@ -214,7 +222,7 @@ print(f"experts of the unrelated task {experts_unrel}, of the related ones {expe
 assert mse["token"].mean() > 10 * mse["task (id)"].mean(), "a token router cannot tell the tasks apart"
 assert (usage["task (id)"] > 0).sum(1).max() == 2 and (usage["task (description)"] > 0).sum(1).max() == 2
 assert len(set(expert_of_part)) == NUM_PARTS, "with descriptions, each part gets its own expert"
-assert ours == theirs, "the from-scratch router must pick the layer's experts"
+assert ours == theirs and weight_diff < 1e-5, "the from-scratch router must pick the layer's experts and weights"
 assert routed_to == sorted(expert_of_part[unseen]), "the unseen task goes to its parts' experts"
 assert zero_shot < 0.1 * Y_new.var() and zero_shot < 0.1 * misrouted, "zero-shot routing works"
 assert reuse < 0.5 * alone, "with 16 examples, reusing experts beats learning from scratch"
