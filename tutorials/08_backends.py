@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numba
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -85,8 +86,10 @@ for name, own in rows[:8]:
 # ## 2. Each primitive, reference against Numba
 # We time each step of the hot path on the same routing, for both backends, and compare with the *dense
 # equivalent*: one FFN of width f on all T·k rows (same FLOPs, no routing), the bound any MoE kernel aims at.
-# On a busy machine these small timings jump around (a parallel kernel's threads may wait for a free core);
-# `make bench` repeats and reports ranges.
+# The Numba backend runs experts (and rows) in parallel threads; we time it with one thread and with all of them.
+# At these small sizes a parallel kernel can lose to the single-threaded one: waking its threads costs more than
+# the work, and on a busy machine a thread may wait a whole scheduler time slice (several ms) for a free core.
+# That is why backends parallelise only above a size threshold, and why `make bench` repeats and reports ranges.
 
 # %%
 xa = x.numpy()
@@ -114,16 +117,20 @@ def hot_path(be):
     return be.combine(out, weights, inverse)
 
 
+threads = numba.get_num_threads()
 timings = {}
-for name, be in (("numpy", ref), ("numba", nb)):
+for name, be, n_threads in (("numpy", ref, None), ("numba, 1 thread", nb, 1),
+                            (f"numba, {threads} threads", nb, threads)):
+    if n_threads:
+        numba.set_num_threads(n_threads)
     order, offsets, inverse = be.route(expert_idx, E)
     xs = be.gather(xa, order, k)
     out, h = be.expert_ffn(xs, offsets, w1, b1, w2, b2, "gelu")
-    with tm.backends.session() if name == "numba" else contextlib.nullcontext():  # numba: BLAS on one thread
-        timings[name] = {"route": best_of(lambda: be.route(expert_idx, E)),
-                         "gather": best_of(lambda: be.gather(xa, order, k)),
-                         "expert_ffn": best_of(lambda: be.expert_ffn(xs, offsets, w1, b1, w2, b2, "gelu")),
-                         "combine": best_of(lambda: be.combine(out, weights, inverse))}
+    with tm.backends.session() if be is nb else contextlib.nullcontext():  # numba: BLAS on one thread
+        timings[name] = {"route": best_of(lambda: be.route(expert_idx, E), 20),
+                         "gather": best_of(lambda: be.gather(xa, order, k), 20),
+                         "expert_ffn": best_of(lambda: be.expert_ffn(xs, offsets, w1, b1, w2, b2, "gelu"), 20),
+                         "combine": best_of(lambda: be.combine(out, weights, inverse), 20)}
 rows_all = np.repeat(xa, k, axis=0)                                 # (T·k, d)
 g1, g2 = w1[0], w2[0]
 
@@ -132,23 +139,23 @@ def gelu(h):
     return 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h * h * h)))  # h*h*h: NumPy's h**3 is slow
 
 
-dense = best_of(lambda: gelu(rows_all @ g1) @ g2)                  # one dense FFN of width f on T·k rows
+dense = best_of(lambda: gelu(rows_all @ g1) @ g2, 20)              # one dense FFN of width f on T·k rows
 for name, parts in timings.items():
     total_ms = 1e3 * sum(parts.values())
-    print(f"{name:6s} " + "  ".join(f"{p} {1e3 * t:6.2f} ms" for p, t in parts.items())
+    print(f"{name:17s} " + "  ".join(f"{p} {1e3 * t:6.2f} ms" for p, t in parts.items())
           + f"   total {total_ms:6.2f} ms = {total_ms / (1e3 * dense):.2f}× dense")
 max_diff = np.abs(hot_path(ref) - hot_path(nb)).max()
 print(f"dense-equivalent FFN {1e3 * dense:.2f} ms; max |numpy − numba| over the whole hot path {max_diff:.1e}")
 
 # %%
-fig, ax = plt.subplots(figsize=(6, 2.8))
-left = np.zeros(2)
+fig, ax = plt.subplots(figsize=(6.5, 3))
+left = np.zeros(len(timings))
 for part in ("route", "gather", "expert_ffn", "combine"):
-    vals = np.array([1e3 * timings[n][part] for n in ("numpy", "numba")])
-    ax.barh(["numpy", "numba"], vals, left=left, label=part)
+    vals = np.array([1e3 * t[part] for t in timings.values()])
+    ax.barh(list(timings), vals, left=left, label=part)
     left += vals
 ax.axvline(1e3 * dense, color="k", ls="--", label="dense-equivalent FFN")
-ax.set(xlabel="ms (forward, best of 5)", title=f"MoE hot path, T={T}, d={d}, f={f}, E={E}, k={k}")
+ax.set(xlabel="ms (forward, best of 20)", title=f"MoE hot path, T={T}, d={d}, f={f}, E={E}, k={k}")
 ax.legend(fontsize=7)
 fig.tight_layout()
 fig.savefig(FIGURES / "08_hot_path_times.png", dpi=100)
@@ -185,9 +192,6 @@ print("counting sort == reference route:", route_same)
 # edges included (one token, one expert, everything dropped), checking it against the reference on each draw.
 
 # %%
-import numba  # noqa: E402
-
-
 @numba.njit(cache=False)
 def my_combine(out, weights, inverse):
     T, k = weights.shape
