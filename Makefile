@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench tutorials clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,20 @@ $(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/activate
 	$(PIP) install --quiet -e ".[numba,train,plot,test]"
 	touch $@
 
+$(VENV)/.tutorials-installed: pyproject.toml | $(VENV)/bin/activate
+	$(PIP) install --quiet -e ".[tutorials]"
+	touch $@
+
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/tinymoe train
 
 test: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# tutorials/NN_*.py (jupytext percent scripts, the source) -> executed tutorials/NN_*.ipynb with their plots
+tutorials: $(VENV)/.tutorials-installed
+	$(PY) tutorials/build.py
 
 bench: $(VENV)/.test-installed
 	$(VENV)/bin/tinymoe bench
