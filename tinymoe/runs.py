@@ -99,8 +99,11 @@ def new_run_dir(cfg: RunConfig) -> str:
     return path
 
 
-def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False) -> dict:
-    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "seconds", "plot"}."""
+def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False, comm=None) -> dict:
+    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "seconds", "plot"}.
+
+    comm: an MPI communicator (`tinymoe.distributed`): every rank calls train_run, the experts are spread over the
+    ranks, the root alone writes the folder (one checkpoint with every expert)."""
     from .train import evaluate, fit
 
     import importlib.util
@@ -112,26 +115,39 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         model = build_model(cfg, splits["train"])  # before anything is written: a bad [model] leaves no folder
     except (ValueError, TypeError) as e:
         raise ConfigError(f"[model] {e}") from None
+    parallel = None
+    if comm is not None:  # distributed hook: shard the experts (a bad layout fails here, before any write)
+        from .distributed import ExpertParallel
+
+        parallel = ExpertParallel(model, comm)
+    root = parallel is None or parallel.is_root
     cfg = resolved_config(cfg, splits["train"])  # config.json keeps every model default, not just the overrides
-    run_dir = run_dir or new_run_dir(cfg)
+    run_dir = run_dir or (new_run_dir(cfg) if root else None)
+    if parallel is not None:
+        run_dir = comm.bcast(run_dir, root=0)
     os.makedirs(run_dir, exist_ok=True)
     config_path = os.path.join(run_dir, "config.json")
-    if resume and os.path.exists(config_path):
+    if resume and root and os.path.exists(config_path):
         with open(config_path) as f:
             saved = json.load(f)
         for section in ("data", "model"):
             if saved.get(section) != cfg.to_dict()[section]:
                 raise ConfigError(f"--resume: [{section}] differs from the run's config.json; resume with the same "
                                   f"settings (tinymoe train --config {config_path} --run-dir {run_dir} --resume)")
-    with open(config_path, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    if root:
+        with open(config_path, "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
     optim = cfg.optim if cfg.optim.seed else dataclasses.replace(cfg.optim, seed=cfg.seed)
     with run_backend(cfg.backend) as backend:
         log(f"run {run_dir}: {type(model).__name__}, {model.num_parameters():,} parameters, backend {backend}, "
             f"{len(splits['train'])} training examples, {splits['train'].num_tasks} tasks")
         history = fit(model, splits["train"], splits["val"], optim, run_dir=run_dir, resume=resume, log=log,
-                      progress=progress)
-        test = evaluate(model, splits["test"])
+                      progress=progress, parallel=parallel)
+        test = evaluate(model, splits["test"], parallel=parallel)
+    if parallel is not None:  # every rank gets every expert back; the root writes the rest alone
+        parallel.unshard()
+        if not root:
+            return {"dir": run_dir, "test": test, "backend": backend, "plot": None, "model": model}
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         steps = history[-1]["step"] if history else cfg.optim.steps  # resuming a finished run logs nothing new
         json.dump({"test": test, "backend": backend, "steps": steps}, f, indent=2)

@@ -65,7 +65,10 @@ def abort_on_error(comm=None):
         if isinstance(e, SystemExit) and e.code in (0, None):
             raise
         comm = comm if comm is not None else world()
-        traceback.print_exc()
+        if isinstance(e, (ValueError, ImportError)):  # a user's mistake: the message says what to change
+            sys.stderr.write(f"tinymoe: error: {e}\n")
+        else:
+            traceback.print_exc()
         sys.stderr.write(f"tinymoe: rank {comm.Get_rank()} of {comm.Get_size()} failed "
                          f"({type(e).__name__}); aborting the MPI job\n")
         sys.stderr.flush()

@@ -99,10 +99,10 @@ class ExpertParallel:
 
     def sum(self, values):
         """Σ over ranks of a number or float array (metrics, loss values)."""
-        array = np.ascontiguousarray(np.asarray(values, dtype=np.float64))
+        array = np.array(values, dtype=np.float64, order="C")
         out = np.empty_like(array)
         self.comm.Allreduce(array, out)
-        return out if np.ndim(values) else float(out)
+        return out if np.ndim(values) else float(out[()])
 
     # ---- gradients -----------------------------------------------------------------------------------------------
     def _make_buckets(self):
