@@ -73,3 +73,4 @@ def abort_on_error(comm=None):
                          f"({type(e).__name__}); aborting the MPI job\n")
         sys.stderr.flush()
         comm.Abort(1)
+        raise  # (Abort does not return; this is in case an MPI library lets it)
