@@ -10,7 +10,8 @@ times every MPI call and counts the bytes each rank sends to *other* ranks. Per 
 
 * bytes: dispatch + return in forward, their adjoints in backward; each moves T·k·d values per rank (T tokens on
   the rank), of which (P−1)/P leave the rank under uniform routing: model = 2·T·k·d·4 B·(P−1)/P per pass.
-* a2a: wall time inside Alltoall/Alltoallv (forward and backward), which includes waiting for the slowest rank.
+* a2a: wall time inside Alltoall/Alltoallv (forward and backward). A Barrier before every collective takes the
+  waiting for the slowest rank out of it: that time is the `wait` column (load imbalance, a busy machine).
 * allreduce: the global aux-loss statistics (a few values; latency only).
 * compute: everything else in the layer (router, gate, gather, expert FFN, combine, and their adjoints).
 
@@ -36,10 +37,13 @@ class TimedComm:
 
     def __init__(self, comm):
         self.comm = comm
-        self.seconds = {"a2a": 0.0, "allreduce": 0.0}
+        self.seconds = {"a2a": 0.0, "allreduce": 0.0, "wait": 0.0}
         self.bytes_off_rank = 0
 
     def _timed(self, kind, fn, *args, **kwargs):
+        t = time.perf_counter()
+        self.comm.Barrier()  # waiting for the slowest rank is counted apart from the transfer itself
+        self.seconds["wait"] += time.perf_counter() - t
         t = time.perf_counter()
         out = fn(*args, **kwargs)
         self.seconds[kind] += time.perf_counter() - t
@@ -96,6 +100,7 @@ def worker(args):
         total = time.perf_counter() - start
         layer.zero_grad()
         run = {"total": total, "a2a": timed.seconds["a2a"], "allreduce": timed.seconds["allreduce"],
+               "wait": timed.seconds["wait"],
                "bytes_fwd": fwd_bytes, "bytes_bwd": timed.bytes_off_rank - fwd_bytes}
         if i >= args.warmup:
             runs.append(run)
@@ -130,13 +135,14 @@ def launch(args):
           f"float32, backend {args.backend}, 1 BLAS thread per rank, {os.cpu_count()} CPUs; medians of "
           f"{args.repeat}, mean over ranks")
     print(f"{'P':>2} {'tok/rank':>8} {'sent fwd KiB':>12} {'sent bwd KiB':>12} {'model KiB':>9} {'layer ms':>9} "
-          f"{'a2a ms':>7} {'a2a %':>6} {'allred ms':>9} {'compute ms':>10}")
+          f"{'a2a ms':>7} {'a2a %':>6} {'allred ms':>9} {'wait ms':>8} {'compute ms':>10}")
     for res in results:
         m = res["mean_over_ranks"]
-        compute = m["total"] - m["a2a"] - m["allreduce"]
+        compute = m["total"] - m["a2a"] - m["allreduce"] - m["wait"]
         print(f"{res['P']:>2} {res['tokens_per_rank']:>8} {m['bytes_fwd'] / 1024:>12.0f} {m['bytes_bwd'] / 1024:>12.0f} "
               f"{res['model_bytes_per_pass'] / 1024:>9.0f} {m['total'] * 1e3:>9.1f} {m['a2a'] * 1e3:>7.2f} "
-              f"{100 * m['a2a'] / m['total']:>6.1f} {m['allreduce'] * 1e3:>9.2f} {compute * 1e3:>10.1f}")
+              f"{100 * m['a2a'] / m['total']:>6.1f} {m['allreduce'] * 1e3:>9.2f} {m['wait'] * 1e3:>8.1f} "
+              f"{compute * 1e3:>10.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
