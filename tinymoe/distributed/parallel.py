@@ -70,7 +70,9 @@ class ExpertParallel:
 
     def _broadcast_parameters(self):
         for p in self.model.parameters():
-            self.comm.Bcast(p.data, root=0)
+            data = np.ascontiguousarray(p.data)
+            self.comm.Bcast(data, root=0)
+            p.data = data
 
     # ---- the batch -------------------------------------------------------------------------------------------
     def check_batches(self, n, batch_size, where="fit"):
