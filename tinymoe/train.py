@@ -291,7 +291,10 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
         loss, _ = task_loss(model, train, idx)
         aux = _aux_loss(model)
         total = loss + aux
-        value = total.item() if parallel is None else parallel.sum(total.item() * share)
+        if parallel is None:
+            value, task_value = total.item(), loss.item()
+        else:  # distributed hook: the global batch's losses, both in one Allreduce
+            value, task_value = map(float, parallel.sum([total.item() * share, loss.item() * share]))
         if not math.isfinite(value):
             raise TrainingDiverged(f"fit: the loss is {value} at step {step} (lr {opt.lr:.3g}); lower the lr, "
                                    f"keep grad_clip on, or check the data for NaNs")
@@ -303,7 +306,6 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
         grad_norm = clip(model.parameters(), optim.grad_clip) if optim.grad_clip else None
         opt.step()
         state.step += 1
-        task_value = loss.item() if parallel is None else parallel.sum(loss.item() * share)
         state.loss_sum, state.loss_count = state.loss_sum + task_value, state.loss_count + 1
         if bar is not None:
             bar.update(1)
