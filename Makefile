@@ -16,7 +16,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(VENV)/bin/activate
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/activate
-	$(PIP) install --quiet -e ".[numba,train,plot,test]"
+	$(PIP) install --quiet -e ".[numba,train,plot,test,mpi]"
 	touch $@
 
 $(VENV)/.tutorials-installed: pyproject.toml | $(VENV)/bin/activate

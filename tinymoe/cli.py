@@ -19,7 +19,13 @@ import sys
 
 def _train(args) -> int:
     from .config import load_config
+    from .distributed.comm import launched_by_mpi
     from .runs import train_run
+
+    if launched_by_mpi():  # distributed hook: `mpiexec -n P tinymoe train ...` spreads the experts over P ranks
+        from .distributed.run import train_cli
+
+        return train_cli(args, _print_test)
 
     cfg = load_config(args.config, args.set)
     result = train_run(cfg, run_dir=args.run_dir, log=(lambda *a: None) if args.quiet else print,

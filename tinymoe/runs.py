@@ -210,13 +210,17 @@ class RunFailed(RuntimeError):
     """Training stopped on an error after the run folder was set up; the message says what is kept and what next."""
 
 
-def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False, overwrite=False) -> dict:
+def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False, overwrite=False,
+              comm=None) -> dict:
     """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "plot", "model"}.
 
     Everything is checked before anything is written (config, backend, data, memory, the folder). A folder that
     already holds a run needs `resume` (continue it) or `overwrite` (replace it). The folder is locked while
     the run uses it. If training fails before the first checkpoint, nothing of the run is left behind; after it,
     the last good checkpoint is kept and the error says how to resume.
+
+    comm: an MPI communicator (`tinymoe.distributed`): every rank calls train_run, the experts are spread over the
+    ranks, and the root alone owns the run folder (it locks and writes it: one checkpoint with every expert).
     """
     from .train import evaluate, fit
 
@@ -231,7 +235,8 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     if run_dir is not None:
         if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
             raise ConfigError(f"--run-dir {run_dir} exists and is not a folder; pass a folder path")
-        if not resume and not overwrite and os.path.isdir(run_dir) and holds_run(run_dir):
+        root_rank = comm is None or comm.Get_rank() == 0  # other ranks would see the root's new files
+        if root_rank and not resume and not overwrite and os.path.isdir(run_dir) and holds_run(run_dir):
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume, or replace it with "
                               "--overwrite")
     config_path = os.path.join(run_dir, "config.json") if run_dir else None
@@ -247,6 +252,11 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         model = build_model(cfg, splits["train"])  # before anything is written: a bad [model] leaves no folder
     except (ValueError, TypeError) as e:
         raise ConfigError(f"[model] {e}") from None
+    parallel = None
+    if comm is not None:  # distributed hook: shard the experts (a bad layout fails here, before any write)
+        from .distributed import ExpertParallel
+
+        parallel = ExpertParallel(model, comm)
     cfg = resolved_config(cfg, splits["train"])  # config.json keeps every model default, not just the overrides
     if resume:
         saved = read_json(config_path, "run config")
@@ -254,6 +264,10 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
             if saved.get(section) != cfg.to_dict()[section]:
                 raise ConfigError(f"--resume: [{section}] differs from the run's config.json; resume with the same "
                                   f"settings (tinymoe train --config {config_path} --run-dir {run_dir} --resume)")
+    if parallel is not None and not parallel.is_root:  # distributed hook: the root owns the folder; wait for it
+        run_dir = comm.bcast(None, root=0)
+        return _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate,
+                             parallel)
 
     created = run_dir is None or not os.path.exists(run_dir)
     if run_dir is None:
@@ -267,7 +281,10 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     try:
-        return _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate)
+        if parallel is not None:
+            comm.bcast(run_dir, root=0)
+        return _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate,
+                             parallel)
     except BaseException:
         ckpt = os.path.join(run_dir, "checkpoint.safetensors")
         if not resume and not os.path.exists(ckpt):  # nothing worth keeping: leave no half-written run behind
@@ -282,18 +299,24 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         lock.__exit__()
 
 
-def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate):
+def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate, parallel):
+    """Train into run_dir (locked by the caller). With `parallel` (expert parallelism) every rank trains and only
+    the root touches the folder."""
     from .train import TrainingDiverged
 
-    remove_stale_temp_files(run_dir)
+    root = parallel is None or parallel.is_root
     config_path = os.path.join(run_dir, "config.json")
     ckpt_path = os.path.join(run_dir, "checkpoint.safetensors")
-    if overwrite:
-        for name in RUN_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(run_dir, name))
-    if not resume or read_json(config_path, "run config") != json.loads(json.dumps(cfg.to_dict())):
-        write_json(config_path, cfg.to_dict())  # a resume may change [optim] (e.g. more steps): keep it current
+    if root:
+        remove_stale_temp_files(run_dir)
+        if overwrite:
+            for name in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(run_dir, name))
+        if not resume or read_json(config_path, "run config") != json.loads(json.dumps(cfg.to_dict())):
+            write_json(config_path, cfg.to_dict())  # a resume may change [optim] (e.g. more steps): keep it current
+    if parallel is not None:  # every rank sees the root's folder as it is now (config written, old files gone)
+        parallel.comm.Barrier()
     optim = cfg.optim if cfg.optim.seed else dataclasses.replace(cfg.optim, seed=cfg.seed)
     from_checkpoint = resume and os.path.exists(ckpt_path)  # killed before the first checkpoint: start over
     try:
@@ -302,8 +325,12 @@ def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, o
                 f"{len(splits['train'])} training examples, {splits['train'].num_tasks} tasks"
                 + (", resumed" if from_checkpoint else ""))
             history = fit(model, splits["train"], splits["val"], optim, run_dir=run_dir, resume=from_checkpoint,
-                          log=log, progress=progress)  # without a checkpoint: from step 0, metrics emptied
-            test = evaluate(model, splits["test"])
+                          log=log, progress=progress, parallel=parallel)  # no checkpoint: from step 0, metrics emptied
+            test = evaluate(model, splits["test"], parallel=parallel)
+        if parallel is not None:  # every rank gets every expert back; the root writes the rest alone
+            parallel.unshard()
+            if not root:
+                return {"dir": run_dir, "test": test, "backend": backend, "plot": None, "model": model}
         steps = history[-1]["step"] if history else cfg.optim.steps  # resuming a finished run logs nothing new
         write_json(os.path.join(run_dir, "results.json"), {"test": test, "backend": backend, "steps": steps})
         plot = None

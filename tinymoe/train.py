@@ -149,8 +149,11 @@ def _aux_values(model) -> dict:
 # ---- evaluation ---------------------------------------------------------------------------------------------------
 
 
-def evaluate(model, data, batch_size=512) -> dict:
+def evaluate(model, data, batch_size=512, parallel=None) -> dict:
     """Per-task test metrics in eval mode (no dropout, no routing noise).
+
+    parallel: a tinymoe.distributed.ExpertParallel; every rank then evaluates its part of each batch and the sums
+    are added over the ranks (every rank gets the same result).
 
     Returns {"metric": "accuracy" | "mse", "higher_is_better": bool, "per_task": {task name: value},
     "mean": mean over tasks, "loss": mean task loss} (+ "exact": {task: share of sequences all right}).
@@ -165,8 +168,11 @@ def evaluate(model, data, batch_size=512) -> dict:
     loss_sum = 0.0
     try:
         with no_grad():
-            for start in range(0, n, batch_size):
-                idx = np.arange(start, min(start + batch_size, n))
+            if parallel is None:
+                batches = [np.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+            else:  # distributed hook: this rank's part of each batch
+                batches = parallel.eval_batches(n, batch_size)
+            for idx in batches:
                 loss, out = task_loss(model, data, idx)
                 loss_sum += loss.item() * len(idx)
                 if sequence:
@@ -185,6 +191,9 @@ def evaluate(model, data, batch_size=512) -> dict:
                         counts[t] += len(idx)
     finally:
         model.train(was_training)
+    if parallel is not None:  # distributed hook: the sums over every rank's examples
+        sums, counts, exact = (parallel.sum(a) for a in (sums, counts, exact))
+        loss_sum = parallel.sum(loss_sum)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_task = sums / counts  # NaN for a task with no examples here
     present = counts > 0
@@ -234,19 +243,24 @@ class _Batches:
 
 
 def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, run_dir=None, resume=False,
-        log=None, progress=False) -> list[dict]:
+        log=None, progress=False, parallel=None) -> list[dict]:
     """Train `model` on `train`; evaluate on `val` every `eval_every` steps; returns the list of logged records.
 
     With `val`, the best weights by the validation mean (accuracy up, MSE down) are restored at the end, and
     `patience` stops early. With `run_dir`, every record goes to run_dir/metrics.jsonl and a checkpoint
     (run_dir/checkpoint.safetensors) is written every `checkpoint_every` steps and at the end; `resume=True`
     continues from that checkpoint exactly. `seed` overrides optim.seed. `log(str)` receives one line per eval.
+
+    parallel: a tinymoe.distributed.ExpertParallel (experts spread over MPI ranks): every rank calls fit with the
+    same arguments and trains its part of each batch; only its root writes metrics and checkpoints.
     """
     optim = optim or OptimConfig()
     if seed is not None:
         optim = replace(optim, seed=seed)
     if len(train) == 0:
         raise ValueError("fit: the training set is empty")
+    if parallel is not None:
+        parallel.check_batches(len(train), optim.batch_size)
     opt = make_optimizer(model, optim)
     batches = _Batches(len(train), optim.batch_size, optim.seed)
     state = TrainState()
@@ -254,18 +268,20 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
     history: list[dict] = []
     ckpt_path = os.path.join(run_dir, "checkpoint.safetensors") if run_dir else None
     if resume:
-        state, best["weights"] = _restore(ckpt_path, model, opt, batches)
-    if run_dir:
+        state, best["weights"] = _restore(ckpt_path, model, opt, batches, parallel)
+    writer = parallel is None or parallel.is_root  # distributed hook: one rank writes
+    if run_dir and writer:
         os.makedirs(run_dir, exist_ok=True)
         _truncate_records_after(os.path.join(run_dir, "metrics.jsonl"), state.step if resume else 0)
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "ab") if run_dir else None
-    bar = _progress(optim.steps, state.step, progress)
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "ab") if run_dir and writer else None
+    bar = _progress(optim.steps, state.step, progress and writer)
+    log = log if writer else None
     model.train()
     started = time.perf_counter()
     try:
         with backends.session():  # e.g. numba: NumPy's BLAS on one thread, the cores to the expert kernels
             _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_path, metrics_file, bar, log,
-                  started)
+                  started, parallel)
     finally:
         if bar is not None:
             bar.close()
@@ -277,26 +293,35 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
     return history
 
 
-def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_path, metrics_file, bar, log, started):
+def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_path, metrics_file, bar, log, started,
+          parallel=None):
     """fit's steps: batch, loss, backward, clip, step; every eval_every steps a record, an eval, a checkpoint.
     best["weights"] holds the best-on-validation weights so far."""
     while state.step < optim.steps:
         step = state.step
         opt.lr = optim.lr_at(step)
         idx = batches.next()
+        share = 1.0
+        if parallel is not None:  # distributed hook: my part of the batch, weighted so Σ_ranks = the batch loss
+            idx, share = parallel.shard_batch(idx)
         loss, _ = task_loss(model, train, idx)
         aux = _aux_loss(model)
         total = loss + aux
-        value = total.item()
+        if parallel is None:
+            value, task_value = total.item(), loss.item()
+        else:  # distributed hook: the global batch's losses, both in one Allreduce
+            value, task_value = map(float, parallel.sum([total.item() * share, loss.item() * share]))
         if not math.isfinite(value):
             raise TrainingDiverged(f"fit: the loss is {value} at step {step} (lr {opt.lr:.3g}); lower the lr, "
                                    f"keep grad_clip on, or check the data for NaNs")
         opt.zero_grad()
-        total.backward()
-        grad_norm = O.clip_grad_norm(model.parameters(), optim.grad_clip) if optim.grad_clip else None
+        (total if parallel is None else total * share).backward()
+        if parallel is not None:
+            parallel.sync_gradients()
+        clip = O.clip_grad_norm if parallel is None else (lambda _, norm: parallel.clip_grad_norm(norm))
+        grad_norm = clip(model.parameters(), optim.grad_clip) if optim.grad_clip else None
         opt.step()
         state.step += 1
-        task_value = loss.item()
         state.loss_sum, state.loss_count = state.loss_sum + task_value, state.loss_count + 1
         if bar is not None:
             bar.update(1)
@@ -312,7 +337,7 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
             state.loss_sum, state.loss_count = 0.0, 0
             stop = False
             if val is not None:
-                result = evaluate(model, val)
+                result = evaluate(model, val, parallel=parallel)
                 record["val"] = {"loss": result["loss"], "mean": result["mean"], "per_task": result["per_task"]}
                 better = state.best is None or (result["mean"] > state.best if result["higher_is_better"]
                                                 else result["mean"] < state.best)
@@ -331,11 +356,11 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
             if ckpt_path and (stop or last or (optim.checkpoint_every and state.step % optim.checkpoint_every == 0)):
                 if metrics_file:  # the records up to the checkpoint are on disk before it is
                     os.fsync(metrics_file.fileno())
-                _save(ckpt_path, model, opt, batches, state, best["weights"])
+                _save(ckpt_path, model, opt, batches, state, best["weights"], parallel)
             if stop:
                 break
         elif ckpt_path and optim.checkpoint_every and state.step % optim.checkpoint_every == 0:
-            _save(ckpt_path, model, opt, batches, state, best["weights"])
+            _save(ckpt_path, model, opt, batches, state, best["weights"], parallel)
 
 
 def _append_record(f, record):
@@ -408,8 +433,15 @@ def _progress(total, initial, enabled):
 # ---- checkpoint / resume ------------------------------------------------------------------------------------------
 
 
-def _save(path, model, opt, batches, state: TrainState, best_weights):
+def _save(path, model, opt, batches, state: TrainState, best_weights, parallel=None):
     from .checkpoint import save
+
+    if parallel is not None:  # distributed hook: every rank joins the gather of the experts, the root writes
+        best_weights = parallel.full_state_dict(best_weights) if best_weights is not None else None
+        with parallel.gathered(opt):
+            if parallel.is_root:
+                _save(path, model, opt, batches, state, best_weights)
+        return
 
     state.batch_rng = batches.rng.bit_generator.state
     state.epoch_order, state.epoch_pos = batches.order.tolist(), batches.pos
@@ -419,8 +451,13 @@ def _save(path, model, opt, batches, state: TrainState, best_weights):
     save(path, model, optimizer=opt, train_state=train_state, extra_tensors=extra)
 
 
-def _restore(path, model, opt, batches):
+def _restore(path, model, opt, batches, parallel=None):
     from .checkpoint import CheckpointError, load_checkpoint
+
+    if parallel is not None:  # distributed hook: every rank loads the whole checkpoint and keeps its experts
+        with parallel.gathered(opt):
+            state, best = _restore(path, model, opt, batches)
+        return state, (parallel.local_state_dict(best) if best is not None else None)
 
     if path is None or not os.path.exists(path):
         raise CheckpointError(f"fit(resume=True): no checkpoint at {path}; train without resume first")

@@ -1,0 +1,76 @@
+"""Start-up from mpi4py's COMM_WORLD, the expert layout check, and abort-on-error.
+
+mpi4py is imported lazily: importing it starts MPI, which a single-process user should never pay for (and which
+must not happen at all when the `mpi` extra is not installed).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+
+# Environment variables the common launchers set in every rank: MPICH's Hydra (PMI_*), Open MPI (OMPI_*), PMIx.
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+class ExpertLayoutError(ValueError):
+    """The experts cannot be spread evenly over the ranks (E not divisible by P)."""
+
+
+def mpi():
+    """The mpi4py.MPI module, or an ImportError that says how to install it."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ImportError("tinymoe.distributed needs mpi4py and an MPI library: pip install 'tinymoe[mpi]' "
+                          "(mpi4py plus the MPICH wheel)") from None
+    return MPI
+
+
+def world():
+    """MPI.COMM_WORLD: every process that mpiexec started."""
+    return mpi().COMM_WORLD
+
+
+def launched_by_mpi() -> bool:
+    """Whether mpiexec started this process with more than one rank (read from the environment, without starting
+    MPI: a plain `tinymoe train` stays a single process)."""
+    for var in _SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]) > 1
+    return False
+
+
+def check_layout(num_experts, size, where="expert parallelism"):
+    """E experts over P ranks: each rank owns E/P of them. Raised before any communication, so every rank sees the
+    same clear error instead of a hang."""
+    if num_experts % size:
+        divisors = [p for p in range(1, num_experts + 1) if num_experts % p == 0]
+        multiples = [size * m for m in range(1, 5)]
+        raise ExpertLayoutError(
+            f"{where}: num_experts={num_experts} cannot be split evenly over {size} ranks (each rank owns E/P "
+            f"experts). Use num_experts in {multiples} (a multiple of {size}) or run with mpiexec -n in {divisors}.")
+
+
+@contextlib.contextmanager
+def abort_on_error(comm=None):
+    """Any exception on any rank ends the whole job: the rank prints its traceback, then calls MPI Abort.
+
+    Without this, the other ranks would wait forever in their next collective for a rank that has died (MPI
+    collectives have no timeout). A clean `sys.exit(0)` passes through."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        comm = comm if comm is not None else world()
+        if isinstance(e, (ValueError, ImportError)):  # a user's mistake: the message says what to change
+            sys.stderr.write(f"tinymoe: error: {e}\n")
+        else:
+            traceback.print_exc()
+        sys.stderr.write(f"tinymoe: rank {comm.Get_rank()} of {comm.Get_size()} failed "
+                         f"({type(e).__name__}); aborting the MPI job\n")
+        sys.stderr.flush()
+        comm.Abort(1)
+        raise  # (Abort does not return; this is in case an MPI library lets it)
