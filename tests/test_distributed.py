@@ -188,7 +188,7 @@ def test_cli_trains_on_4_ranks_resumes_on_2_and_matches_one_process(tmp_path):
     first = mpiexec(4, *_tinymoe(), "train", *TRAIN, "--set", "optim.steps=3", "--run-dir", ep)
     assert first.returncode == 0, first.stderr[-4000:]
     assert first.stdout.count("test accuracy per task") == 1  # rank 0 only
-    assert sorted(os.listdir(ep)) == ["checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json",
+    assert sorted(n for n in os.listdir(ep) if n != ".lock") == ["checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json",
                                       "routes.png"]
     w3 = _weights(ep)
     assert w3["blocks.1.ffn.experts.w1"].shape[0] == 8  # all experts, gathered from the 4 ranks
@@ -211,16 +211,3 @@ def test_cli_experts_not_divisible_is_a_clear_error(tmp_path):
     assert run.returncode != 0
     assert "num_experts=6 cannot be split evenly over 4 ranks" in run.stderr
     assert not (tmp_path / "bad" / "config.json").exists()
-
-
-@needs_mpi
-def test_tutorial_09_runs_on_2_ranks():
-    """The tutorial starts itself under mpiexec -n 2 and its assertions (bit-for-bit outputs and expert gradients,
-    the counts exchange, the global load-balance loss) hold."""
-    tutorial = HERE.parent / "tutorials" / "09_expert_parallel.py"
-    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")}
-    run = subprocess.run([sys.executable, str(tutorial)], capture_output=True, text=True, timeout=120,
-                         env={**env, "TINYMOE_BACKEND": "numpy", "PYTHONPATH": str(HERE.parent)})
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert run.stdout.count("(bit for bit)") == 2
-    assert "travels to rank 1" in run.stdout and "travels to rank 0" in run.stdout

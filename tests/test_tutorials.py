@@ -20,11 +20,12 @@ TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 SCRIPTS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 HANG_GUARD_S = 300  # a hang guard, not a speed test: the tutorials take seconds to tens of seconds
 # what a tutorial may import: the public modules (the NumPy reference hot path comes via tm.backends.load("numpy"))
-PUBLIC_MODULES = {"tinymoe", "tinymoe.gradcheck", "tinymoe.data", "tinymoe.train", "tinymoe.functional"}
+PUBLIC_MODULES = {"tinymoe", "tinymoe.gradcheck", "tinymoe.data", "tinymoe.train", "tinymoe.functional",
+                  "tinymoe.distributed"}
 
 
 def test_the_series_is_there():
-    assert [p.name[:2] for p in SCRIPTS] == [f"{i:02d}" for i in range(1, 9)], "tutorials 01-08, one file each"
+    assert [p.name[:2] for p in SCRIPTS] == [f"{i:02d}" for i in range(1, 10)], "tutorials 01-09, one file each"
     readme = (TUTORIALS / "README.md").read_text()
     for script in SCRIPTS:
         assert script.name in readme, f"tutorials/README.md does not list {script.name}"
@@ -48,6 +49,8 @@ def _run(script, tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg", "TINYMOE_TUTORIAL_FIGURES": str(tmp_path / "figures"),
            "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)
+    for launched_by_mpi in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):  # when pytest itself runs
+        env.pop(launched_by_mpi, None)  # under mpiexec, tutorial 9 must still start its own two ranks
     return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=HANG_GUARD_S)
 
@@ -57,6 +60,8 @@ def test_tutorial_runs_and_its_claims_hold(script, tmp_path):
     if script.name.startswith("08_"):
         pytest.importorskip("numba", reason="tutorial 8 compares the numba backend with the reference")
         pytest.importorskip("hypothesis")
+    if script.name.startswith("09_"):  # it starts itself under `mpiexec -n 2`
+        pytest.importorskip("mpi4py", reason="tutorial 9 needs MPI: pip install -e '.[mpi]'")
     pytest.importorskip("matplotlib")
     result = _run(script, tmp_path)
     assert result.returncode == 0, f"{script.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -33,6 +33,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +47,7 @@ if not launched_by_mpi() and "__file__" in globals():  # a plain `python 09_expe
     sys.exit(subprocess.run([mpiexec, "-n", "2", sys.executable, __file__]).returncode)
 
 comm = world()
+FIGURES = Path(os.environ.get("TINYMOE_TUTORIAL_FIGURES", "figures"))  # where the plots are saved
 rank, P = comm.Get_rank(), comm.Get_size()
 
 
@@ -101,6 +103,29 @@ if rank == 0:
             owners = [int(e) // (E // P) for e in experts]
             moves = ", ".join("stays" if o == r else f"travels to rank {o}" for o in owners)
             print(f"{r * T + t:>5}  {r:>7}  {str(list(map(int, experts))):>7}  {str(owners):>11}   {moves}")
+
+# %% [markdown]
+# The same as a picture: one row per token of the global batch, one column per choice j; the colour says which
+# rank computes that assignment, and a cross marks the assignments that leave the token's own rank.
+
+# %%
+if rank == 0:
+    import matplotlib.pyplot as plt
+
+    owner = np.concatenate(routes) // (E // P)  # (P·T, k) the rank that owns each chosen expert
+    home = np.repeat(np.arange(P), T)[:, None]  # (P·T, 1) the rank that holds each token
+    fig, ax = plt.subplots(figsize=(3.6, 4.2))
+    ax.imshow(owner, cmap="coolwarm", vmin=0, vmax=P - 1, aspect="auto")
+    for t, j in zip(*np.nonzero(owner != home)):
+        ax.text(j, t, "×", ha="center", va="center", fontsize=12)
+    ax.axhline(T - 0.5, color="k", lw=1)
+    ax.set(xticks=range(k), xticklabels=[f"choice {j}" for j in range(k)], yticks=range(P * T),
+           ylabel="token (rank 0 holds 0–5, rank 1 holds 6–11)",
+           title="who computes each assignment\n(blue rank 0, red rank 1; × travels)")
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(FIGURES / "09_where_tokens_go.png", dpi=110)
+    plt.show()
 
 # %% [markdown]
 # ## 3. The all-to-all: counts first, then rows
@@ -182,6 +207,7 @@ off_rank = int(send.sum() - send[rank].sum())  # rows I sent away (the rest stay
 say(f"rank 0 sent {off_rank} of {T * k} rows away: {2 * off_rank * d * 4} bytes there and back in forward "
     f"(uniform routing would send {T * k * (P - 1) // P})")
 assert 0 <= off_rank <= T * k
+say("all checks passed")
 
 # %% [markdown]
 # ## Exercises

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backends
 from .. import dispatch as D
 from .. import functional as F
 from ..moe_ops import RoutingPlan, combine, grouped_ffn, plan_routing
-from ..moe_ops import dispatch as gather_rows
+from ..moe_ops import gather as gather_rows
 from ..nn.moe import MoE, RoutingStats
-from ..tensor import Tensor
+from ..engine import Tensor
 from .comm import mpi
 from .ops import all_to_all, allreduce_sum, permute_rows
 
@@ -83,13 +84,14 @@ class ExpertParallelMoE(MoE):
     capacity_scope = "global"
 
     def forward(self, x, task_ids=None, token_ids=None):
+        c = self.config
         x = x if isinstance(x, Tensor) else Tensor(x)
-        if x.shape[-1] != self.d_model or x.ndim not in (2, 3):
-            raise ValueError(f"MoE: x must be (N, {self.d_model}) or (B, T, {self.d_model}), got {x.shape}")
+        if x.shape[-1] != c.d_model or x.ndim not in (2, 3):
+            raise ValueError(f"MoE: x must be (N, {c.d_model}) or (B, T, {c.d_model}), got {x.shape}")
         lead = x.shape[:-1]
-        tokens = x.reshape(-1, self.d_model)  # (N, d) this rank's tokens
+        tokens = x.reshape(-1, c.d_model)  # (N, d) this rank's tokens
         task_tok = self._token_task_ids(task_ids, lead)
-        routing = self._route(tokens, task_tok, token_ids, lead)
+        routing = self._route(tokens, task_tok, token_ids)
 
         chosen = np.ones(routing.expert_idx.shape, bool) if routing.keep is None else routing.keep
         # one Allreduce: the global batch size and the gate's choices per expert (load balance, capacity)
@@ -98,10 +100,10 @@ class ExpertParallelMoE(MoE):
         self.comm.Allreduce(mpi().IN_PLACE, stats)
         chosen_global, n_global = stats[:-1], int(stats[-1])
         keep = chosen
-        if self.capacity_factor is not None:
+        if c.capacity_factor is not None and self.spec.capacity == "drop":
             keep = self._capacity_keep(routing, chosen, n_global)
         y, plan, recv_counts = expert_parallel_mixture(tokens, routing.expert_idx, routing.weights, keep, self.experts,
-                                                       self.num_experts, self.comm, self.activation)
+                                                       self.num_experts, self.comm, c.activation)
         for ffn in self.shared:
             y = y + ffn(tokens)
 
@@ -117,16 +119,16 @@ class ExpertParallelMoE(MoE):
         """Capacity drops. "rank": C = ⌈c·T_r·k/E⌉ per rank, each rank serving its own queue (GShard's groups).
         "global": C = ⌈c·N·k/E⌉ per expert over the global batch, served slot-major and in global token order (or by
         weight) — exactly the single-process layer on the concatenated batch; needs the routing of every rank."""
-        be = self._backend()
-        priority = routing.weights.data if self.priority == "weight" else None
+        be, factor = backends.backend_module(), self.config.capacity_factor
+        priority = routing.weights.data if self.config.priority == "weight" else None
         if self.capacity_scope == "rank":
-            C = D.capacity(self.capacity_factor, routing.expert_idx.shape[0], self.k, self.num_experts)
+            C = D.capacity(factor, routing.expert_idx.shape[0], self.k, self.num_experts)
             return be.capacity_keep(routing.expert_idx, self.num_experts, C, priority, chosen)
         sizes = self.comm.allgather(routing.expert_idx.shape[0])
         idx_all = _allgather_rows(routing.expert_idx.astype(np.int64), sizes, self.comm)
         chosen_all = _allgather_rows(chosen.astype(np.uint8), sizes, self.comm).astype(bool)
         prio_all = None if priority is None else _allgather_rows(np.asarray(priority), sizes, self.comm)
-        C = D.capacity(self.capacity_factor, n_global, self.k, self.num_experts)
+        C = D.capacity(factor, n_global, self.k, self.num_experts)
         keep_all = be.capacity_keep(idx_all, self.num_experts, C, prio_all, chosen_all)
         start = sum(sizes[: self.comm.Get_rank()])
         return np.ascontiguousarray(keep_all[start : start + routing.expert_idx.shape[0]])
@@ -140,11 +142,11 @@ class ExpertParallelMoE(MoE):
         of the per-rank values (docs/distributed.md)."""
         share = n_local / max(n_global, 1)
         out = {name: allreduce_sum(value * share, self.comm) for name, value in routing.aux.items()}
-        if routing.probs is not None and self.gate_name not in ("expert_choice", "softmax"):
+        if "load_balance" in self.spec.aux:
             f = (chosen_global / max(chosen_global.sum(), 1)).astype(routing.probs.dtype)  # (E,) no gradient
             P = allreduce_sum(routing.probs.sum(axis=0), self.comm) * (1.0 / max(n_global, 1))  # (E,)
             out["load_balance"] = (P * f).sum() * float(self.num_experts)
-        if routing.logits is not None:
+        if "z_loss" in self.spec.aux:
             lse = F.logsumexp(routing.logits, axis=-1)
             out["z_loss"] = allreduce_sum((lse * lse).sum(), self.comm) * (1.0 / max(n_global, 1))
         return out

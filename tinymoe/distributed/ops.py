@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tensor import Tensor
+from ..engine import Tensor
 
 
 def _alltoallv(data, send_counts, recv_counts, comm):

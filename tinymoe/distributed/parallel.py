@@ -19,7 +19,7 @@ import contextlib
 
 import numpy as np
 
-from ..nn.moe import MoE, MultiGateMoE
+from ..nn import MoE, MultiGateMoE
 from .comm import check_layout, mpi, world
 from .layer import CAPACITY_SCOPES, ExpertParallelMoE
 
@@ -45,7 +45,7 @@ class ExpertParallel:
                              "expert parallelism shards the token-routed tm.nn.MoE layers of a transformer")
         for i, m in enumerate(layers):  # every check before any communication: the same error on every rank
             check_layout(m.num_experts, self.size, f"MoE layer {i}")
-            if m.gate_name == "expert_choice":
+            if m.spec.capacity == "choose":
                 raise ValueError("ExpertParallel: gate='expert_choice' ranks the whole batch per expert; it is not "
                                  "supported across ranks (use top_k, noisy_top_k, dselect_k, softmax or hash)")
         self.model, self.layers = model, layers
