@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 
 # Environment variables the common launchers set in every rank: MPICH's Hydra (PMI_*), Open MPI (OMPI_*), PMIx.
@@ -66,11 +67,12 @@ def abort_on_error(comm=None):
             raise
         comm = comm if comm is not None else world()
         if isinstance(e, (ValueError, ImportError)):  # a user's mistake: the message says what to change
-            sys.stderr.write(f"tinymoe: error: {e}\n")
+            text = f"tinymoe: error: {e}\n"
         else:
-            traceback.print_exc()
-        sys.stderr.write(f"tinymoe: rank {comm.Get_rank()} of {comm.Get_size()} failed "
-                         f"({type(e).__name__}); aborting the MPI job\n")
+            text = traceback.format_exc()
+        text += f"tinymoe: rank {comm.Get_rank()} of {comm.Get_size()} failed ({type(e).__name__}); aborting the MPI job\n"
         sys.stderr.flush()
+        os.write(sys.stderr.fileno(), text.encode())  # one write, so the launcher forwards it whole
+        time.sleep(0.5)  # Abort kills every rank at once: give mpiexec time to forward the message first
         comm.Abort(1)
         raise  # (Abort does not return; this is in case an MPI library lets it)
