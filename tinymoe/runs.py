@@ -6,6 +6,7 @@ A run folder holds
     checkpoint.safetensors   weights + optimizer state + training state (tinymoe.checkpoint)
     results.json             per-task test metrics of the final (best-on-val) model
     routes.png               task x expert routing heatmaps and per-layer expert load (when matplotlib is there)
+    curves.png               loss, aux losses, per-task validation metric, expert load over steps (tinymoe.plots)
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from . import backends, data as D
 from .config import ConfigError, RunConfig, model_config, run_config_from_dict
+from .plots import format_routing, plot_routes  # noqa: F401  (re-exported: the figures live in plots.py)
 from .tensor import no_grad
 
 
@@ -48,7 +50,7 @@ def _build_data(cfg: RunConfig) -> dict:
     elif d.kind == "digits":
         ds = D.multi_digits(d.mode, n=d.n, seed=seed)
     else:
-        ds = D.load_table(d.path, d.target_columns, task_type=d.task_type)
+        ds = D.load_table(d.path, d.target_columns, d.feature_columns, task_type=d.task_type)
     return D.train_val_test_split(ds, tuple(d.split), seed=seed)
 
 
@@ -72,8 +74,13 @@ def build_model(cfg: RunConfig, train):
 
         return SharedBottom(train.num_features, mc.d_expert, train.num_tasks, mc.seed, d_hidden=mc.d_hidden,
                             tower_hidden=mc.tower_hidden, out_dim=out_dim)
-    if mc.family != "multigate":
-        raise ConfigError(f"model.family must be 'multigate' or 'shared_bottom', got {mc.family!r}")
+    if mc.family in ("cgc", "ple"):
+        from .nn import CGC, PLE
+
+        levels = {"num_levels": mc.num_levels} if mc.family == "ple" else {}
+        return (PLE if mc.family == "ple" else CGC)(
+            train.num_features, mc.d_expert, train.num_tasks, mc.num_task_experts, mc.num_shared_experts,
+            seed=mc.seed, d_hidden=mc.d_hidden, tower_hidden=mc.tower_hidden, out_dim=out_dim, **levels)
     from .nn import MultiGateMoE
 
     return MultiGateMoE(train.num_features, mc.d_expert, mc.num_experts, train.num_tasks, gate=mc.gate, k=mc.k,
@@ -113,8 +120,27 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     except (ValueError, TypeError) as e:
         raise ConfigError(f"[model] {e}") from None
     cfg = resolved_config(cfg, splits["train"])  # config.json keeps every model default, not just the overrides
+    if resume and not os.path.exists(os.path.join(run_dir or "", "checkpoint.safetensors")):
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(f"--resume: {run_dir} holds no checkpoint.safetensors to continue from; train it "
+                              f"first without --resume")
+    created = run_dir is None or not os.path.exists(run_dir)  # a folder this call makes goes again if it fails
     run_dir = run_dir or new_run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
+    try:
+        return _train_in(cfg, run_dir, splits, model, log, progress, resume)
+    except (ValueError, TypeError):  # bad input found only now (ConfigError, CheckpointError are ValueErrors)
+        if created and not os.path.exists(os.path.join(run_dir, "checkpoint.safetensors")):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_in(cfg, run_dir, splits, model, log, progress, resume) -> dict:
+    from .train import evaluate, fit
+
     config_path = os.path.join(run_dir, "config.json")
     if resume and os.path.exists(config_path):
         with open(config_path) as f:
@@ -135,11 +161,15 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         steps = history[-1]["step"] if history else cfg.optim.steps  # resuming a finished run logs nothing new
         json.dump({"test": test, "backend": backend, "steps": steps}, f, indent=2)
-    plot = None
+    plot = curves = None
     if has_routing(model):
         with contextlib.suppress(ImportError):
             plot = plot_routes(model, splits["test"], os.path.join(run_dir, "routes.png"))
-    return {"dir": run_dir, "test": test, "backend": backend, "plot": plot, "model": model}
+    with contextlib.suppress(ImportError):
+        from .plots import plot_curves
+
+        curves = plot_curves(run_dir)
+    return {"dir": run_dir, "test": test, "backend": backend, "plot": plot, "curves": curves, "model": model}
 
 
 def resolved_config(cfg: RunConfig, train) -> RunConfig:
@@ -154,17 +184,14 @@ def resolved_config(cfg: RunConfig, train) -> RunConfig:
 
 def load_run(run_dir):
     """(RunConfig, model with the checkpoint's weights, splits) of a finished run folder."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder `tinymoe train` printed")
     with open(path) as f:
         cfg = run_config_from_dict(json.load(f))
-    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.safetensors"))
-    model = ckpt.model  # the last weights (the resume point) ...
-    if ckpt.train_state.get("has_best"):  # ... but the run's result is the best-on-validation model
-        model.load_state_dict({k[len("best."):]: v for k, v in ckpt.extra_tensors.items() if k.startswith("best.")})
+    model = load(os.path.join(run_dir, "checkpoint.safetensors"), which="best")  # the run's result, not the last step
     model.eval()
     return cfg, model, build_data(cfg)
 
@@ -209,49 +236,3 @@ def routing_tables(model, data, batch_size=512) -> dict:
     loads = [c.sum(axis=0) / max(c.sum(), 1) for c in counts]
     return {"tasks": names, "layers": shares, "expert_load": loads,
             "what": "share of each task's assignments per expert"}
-
-
-def format_routing(tables) -> str:
-    """The routing tables as text (the same numbers the plot shows)."""
-    lines = []
-    for i, (share, load) in enumerate(zip(tables["layers"], tables["expert_load"])):
-        E = share.shape[1]
-        lines.append(f"MoE layer {i}: {tables['what']}")
-        lines.append(f"{'task':>16} " + " ".join(f"e{e:<4}" for e in range(E)))
-        for name, row in zip(tables["tasks"], share):
-            lines.append(f"{name[:16]:>16} " + " ".join(f"{v:5.2f}" for v in row))
-        lines.append(f"{'all (load f_i)':>16} " + " ".join(f"{v:5.2f}" for v in load))
-    return "\n".join(lines)
-
-
-def plot_routes(model, data, path) -> str:
-    """Task x expert heatmap per MoE layer plus per-layer expert load, to a PNG (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tables = routing_tables(model, data)
-    n = len(tables["layers"])
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1) + 1, 0.35 * len(tables["tasks"]) + 2.2), squeeze=False)
-    for i, share in enumerate(tables["layers"]):
-        ax = axes[0, i]
-        im = ax.imshow(share, vmin=0, vmax=max(float(share.max()), 1e-9), cmap="viridis", aspect="auto")
-        ax.set_title(f"MoE layer {i}: task x expert")
-        ax.set_xlabel("expert")
-        ax.set_yticks(range(len(tables["tasks"])))
-        ax.set_yticklabels(tables["tasks"], fontsize=7)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = axes[0, n]
-    E = len(tables["expert_load"][0])
-    width = 0.8 / n
-    for i, load in enumerate(tables["expert_load"]):
-        ax.bar(np.arange(E) + (i - (n - 1) / 2) * width, load, width, label=f"layer {i}")
-    ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
-    ax.set_title("expert load f_i per layer")
-    ax.set_xlabel("expert")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
