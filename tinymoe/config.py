@@ -60,6 +60,7 @@ class DataConfig:
     mode: str = "side_by_side"  # digits: side_by_side | overlay
     path: str = ""  # table: a .csv or .npz file
     target_columns: list | None = None  # table: one task per column
+    feature_columns: list | None = None  # table: the input columns (default: every column that is not a target)
     task_type: str = "regression"  # table: regression | classification
     split: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train / val / test fractions
     seed: int = 0
@@ -89,9 +90,10 @@ class DataConfig:
 
 @dataclass
 class MultiGateConfig:
-    """The MMoE / DSelect-k family for tabular data (tinymoe.nn.MultiGateMoE), or shared-bottom."""
+    """Multi-task models for tabular data: MMoE / DSelect-k (tinymoe.nn.MultiGateMoE), CGC / PLE (tinymoe.nn.CGC,
+    tinymoe.nn.PLE), or shared-bottom."""
 
-    family: str = "multigate"  # multigate | shared_bottom
+    family: str = "multigate"  # multigate (MMoE, top-k, DSelect-k) | cgc | ple | shared_bottom
     num_experts: int = 8
     d_expert: int = 16
     d_hidden: int | None = 32
@@ -101,7 +103,17 @@ class MultiGateConfig:
     tower_hidden: int = 8
     gamma: float = 1.0
     aux_weights: dict = field(default_factory=dict)
+    num_task_experts: int = 2  # cgc / ple: experts of each task's own
+    num_shared_experts: int = 2  # cgc / ple: experts every task shares
+    num_levels: int = 2  # ple: stacked extraction levels (cgc is one level)
     seed: int = 0
+
+    def __post_init__(self):
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"model.family must be one of {MODEL_FAMILIES}, got {self.family!r}")
+
+
+MODEL_FAMILIES = ("multigate", "cgc", "ple", "shared_bottom")
 
 
 @dataclass
@@ -119,7 +131,15 @@ class RunConfig:
         return self.data.kind == "sequence"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As a dict, [data] and [model] holding only the keys this dataset kind and model use."""
+        from .config_docs import used_keys
+
+        out = asdict(self)
+        out["data"] = {k: v for k, v in out["data"].items() if k in used_keys("data", self.data.kind)}
+        if not self.sequence and "family" in self.model:
+            keep = used_keys("model", self.model["family"])
+            out["model"] = {k: v for k, v in out["model"].items() if k in keep}
+        return out
 
 
 # The built-in demo: four sequence tasks, a task-aware MoE transformer; about a minute on 2 cores.
