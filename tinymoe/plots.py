@@ -119,7 +119,7 @@ def curves_figure(records, metric="accuracy", title=""):
         ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
         ax.set(title=f"expert load f_i, MoE layer {i}", xlabel="step", ylabel="share of assignments",
                ylim=(0, max(float(load.max()) * 1.1, 2 / E)))
-        ax.legend(fontsize=6, ncol=2, loc="upper right")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over
     for j in range(layers, (nrows - 1) * ncols):
         axes[1 + j // ncols, j % ncols].set_visible(False)
     if title:

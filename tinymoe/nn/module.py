@@ -178,7 +178,7 @@ class Module:
                         p.data, p.grad = np.asarray(p.numpy()), None
             return self
         try:
-            dtype = np.dtype(target)
+            dtype = None if target is None else np.dtype(target)  # (np.dtype(None) would be float64)
         except TypeError:
             dtype = None
         if dtype is None or dtype.name not in DTYPES or isinstance(target, (bool, int, float)):
