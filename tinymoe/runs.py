@@ -107,9 +107,8 @@ def new_run_dir(cfg: RunConfig) -> str:
 
 
 def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False) -> dict:
-    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "seconds", "plot"}."""
-    from .train import evaluate, fit
-
+    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "plot", "curves", "model"}. A folder
+    this call creates is removed again when the run stops on bad input before its first checkpoint."""
     import importlib.util
 
     if importlib.util.find_spec("safetensors") is None:
