@@ -22,7 +22,7 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.set)
     result = train_run(cfg, run_dir=args.run_dir, log=(lambda *a: None) if args.quiet else print,
                        progress=not args.quiet, resume=args.resume)
-    _print_test(result["test"])
+    _print_test(result["test"], cfg=cfg)
     print(f"\nrun folder: {result['dir']}  (metrics.jsonl, checkpoint.safetensors, results.json)")
     if result.get("curves"):
         print(f"training curves: {result['curves']}")
@@ -34,8 +34,10 @@ def _train(args) -> int:
     return 0
 
 
-def _print_test(test, split="test"):
-    print(f"\n{split} {test['metric']} per task (mean {test['mean']:.4f}):")
+def _print_test(test, split="test", cfg=None):
+    scaled = cfg is not None and cfg.data.kind == "table" and cfg.data.standardize and test["metric"] == "mse"
+    note = " (targets standardized: 1.0 = predicting the mean)" if scaled else ""
+    print(f"\n{split} {test['metric']} per task (mean {test['mean']:.4f}){note}:")
     for name, value in test["per_task"].items():
         extra = f"   (whole sequence right: {test['exact'][name]:.3f})" if "exact" in test else ""
         print(f"  {name:>20}  {value:.4f}{extra}")
@@ -48,7 +50,7 @@ def _eval(args) -> int:
     cfg, model, splits = load_run(args.run_dir)
     with run_backend(cfg.backend):
         test = evaluate(model, splits[args.split])
-    _print_test(test, args.split)
+    _print_test(test, args.split, cfg)
     return 0
 
 

@@ -62,6 +62,7 @@ class DataConfig:
     target_columns: list | None = None  # table: one task per column
     feature_columns: list | None = None  # table: the input columns (default: every column that is not a target)
     task_type: str = "regression"  # table: regression | classification
+    standardize: bool = True  # table: z-score features (and regression targets) with the training split's mean, std
     split: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train / val / test fractions
     seed: int = 0
 

@@ -18,7 +18,7 @@ DATA_KEYS = {
     "mmoe": ("n", "rho", "d"),
     "clustered": ("n", "num_tasks", "num_clusters", "rho", "d"),
     "digits": ("mode", "n"),
-    "table": ("path", "target_columns", "feature_columns", "task_type"),
+    "table": ("path", "target_columns", "feature_columns", "task_type", "standardize"),
 }
 _DATA_COMMON = ("kind", "split", "seed")
 

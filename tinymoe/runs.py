@@ -51,7 +51,26 @@ def _build_data(cfg: RunConfig) -> dict:
         ds = D.multi_digits(d.mode, n=d.n, seed=seed)
     else:
         ds = D.load_table(d.path, d.target_columns, d.feature_columns, task_type=d.task_type)
-    return D.train_val_test_split(ds, tuple(d.split), seed=seed)
+    splits = D.train_val_test_split(ds, tuple(d.split), seed=seed)
+    return standardized(splits) if d.kind == "table" and d.standardize else splits
+
+
+def standardized(splits: dict) -> dict:
+    """Every split's features (and regression targets) z-scored with the TRAINING split's mean and std, so raw
+    columns of any scale train alike and each task's MSE is in units of its target's variance (1 = predicting the
+    mean). The statistics go in meta ("x_mean", "x_std", "y_mean", "y_std") to map predictions back: y·std + mean."""
+    train = splits["train"]
+    stats = {"x_mean": train.x.mean(axis=0), "x_std": train.x.std(axis=0)}
+    regression = train.task_type == "regression"
+    if regression:
+        stats.update(y_mean=train.y.mean(axis=0), y_std=train.y.std(axis=0))
+    stats = {k: np.where(v > 0, v, 1.0) if k.endswith("std") else v for k, v in stats.items()}  # constant: as is
+    out = {}
+    for name, ds in splits.items():
+        y = (ds.y - stats["y_mean"]) / stats["y_std"] if regression else ds.y
+        meta = {**ds.meta, **{k: v.tolist() for k, v in stats.items()}}
+        out[name] = dataclasses.replace(ds, x=(ds.x - stats["x_mean"]) / stats["x_std"], y=y, meta=meta)
+    return out
 
 
 def _model_config(cfg: RunConfig, train):
