@@ -117,7 +117,10 @@ def curves_figure(records, metric="accuracy", title=""):
         for e in range(E):
             ax.plot([p[0] for p in pts], load[:, e], color=cmap(e % cmap.N), lw=1, label=f"expert {e}")
         ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
-        ax.set(title=f"expert load f_i, MoE layer {i}", xlabel="step", ylabel="share of assignments",
+        gates = all("dropped" not in r for r in records)  # a multi-gate model: dense gate weights, no dispatch
+        title, ylabel = (("mean gate weight per expert (over tasks)", "mean gate weight") if gates else
+                         (f"expert load f_i, MoE layer {i}", "share of assignments"))
+        ax.set(title=title, xlabel="step", ylabel=ylabel,
                ylim=(0, max(float(load.max()) * 1.1, 2 / E)))
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over
     for j in range(layers, (nrows - 1) * ncols):
