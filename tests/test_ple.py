@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tinymoe as tm
 from tinymoe import data as D
@@ -50,23 +52,26 @@ def _owners(model):
     return [(m, name) for m in model.modules() for name, v in vars(m).items() if isinstance(v, Parameter)]
 
 
-@pytest.mark.parametrize("cls, kwargs", [(PLE, dict(num_levels=2)), (CGC, {}), (PLE, dict(num_shared_experts=0))])
-def test_gradients_match_finite_differences(cls, kwargs):
-    rng = np.random.default_rng(1)
-    model = cls(3, 2, num_tasks=2, num_task_experts=1, seed=2, d_hidden=3, tower_hidden=2, out_dim=2,
-                dtype=np.float64, **{"num_shared_experts": 2, **kwargs})
+@settings(max_examples=10)  # each example is ~2 x (number of weights) forward passes
+@given(num_tasks=st.integers(1, 3), m_k=st.integers(1, 2), m_s=st.integers(0, 2), levels=st.integers(1, 3),
+       n=st.integers(1, 4), d_in=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_gradients_match_finite_differences(num_tasks, m_k, m_s, levels, n, d_in, seed):
+    rng = np.random.default_rng(seed)
+    cls, kwargs = (CGC, {}) if levels == 1 else (PLE, {"num_levels": levels})
+    model = cls(d_in, 2, num_tasks, num_task_experts=m_k, num_shared_experts=m_s, seed=seed, d_hidden=3,
+                tower_hidden=2, out_dim=2, dtype=np.float64, **kwargs)
     owners = _owners(model)
     params = [getattr(m, a) for m, a in owners]
     for p in params:  # biases start at exactly 0, which puts ReLUs at their kink for zero inputs: draw them all
         p.data = rng.standard_normal(p.shape)
-    x = rng.standard_normal((4, 3))
-    cot = [rng.standard_normal((4, 2)) for _ in range(2)]
+    x = rng.standard_normal((n, d_in))
+    cot = [rng.standard_normal((n, 2)) for _ in range(num_tasks)]
 
     def loss(x, *weights):  # every weight is an input, so check_grad differentiates all of them
         for (m, a), w in zip(owners, weights):
             setattr(m, a, w)
         outs = model(x)
-        return sum(((o * c).sum() for o, c in zip(outs[1:], cot[1:])), (outs[0] * cot[0]).sum())
+        return sum(((o * c).sum() for o, c in zip(outs[1:], cot[1:])), (outs[0] * cot[0]).sum())  # Σ_k <u_k, y_k>
 
     try:
         check_grad(loss, [x] + [p.numpy() for p in params], atol=1e-6, rtol=1e-4)
