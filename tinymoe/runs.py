@@ -164,7 +164,8 @@ def _train_in(cfg, run_dir, splits, model, log, progress, resume) -> dict:
         with open(config_path) as f:
             saved = json.load(f)
         for section in ("data", "model"):
-            if saved.get(section) != cfg.to_dict()[section]:
+            now = cfg.to_dict()[section]  # (a folder written before config.json was trimmed may hold more keys)
+            if {k: (saved.get(section) or {}).get(k) for k in now} != now:
                 raise ConfigError(f"--resume: [{section}] differs from the run's config.json; resume with the same "
                                   f"settings (tinymoe train --config {config_path} --run-dir {run_dir} --resume)")
     with open(config_path, "w") as f:
