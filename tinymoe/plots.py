@@ -149,13 +149,21 @@ def format_routing(tables) -> str:
     lines = []
     width = max([len("all (load f_i)")] + [len(name) for name in tables["tasks"]])
     for i, (share, load) in enumerate(zip(tables["layers"], tables["expert_load"])):
-        E = share.shape[1]
-        lines.append(f"MoE layer {i}: {tables['what']}")
-        lines.append(f"{'task':<{width}}" + "".join(f"{f'e{e}':>6}" for e in range(E)))
+        names = _expert_labels(tables, share.shape[1], prefix="e")
+        col = max(6, *(len(n) + 1 for n in names))
+        gates = tables["what"].startswith("mean gate weight")  # a multi-gate model: its task gates, no layers
+        lines.append(f"{'task gates' if gates else f'MoE layer {i}'}: {tables['what']}")
+        lines.append(f"{'task':<{width}}" + "".join(f"{n:>{col}}" for n in names))
         for name, row in zip(tables["tasks"], share):
-            lines.append(f"{name:<{width}}" + "".join(f"{v:6.2f}" for v in row))
-        lines.append(f"{'all (load f_i)':<{width}}" + "".join(f"{v:6.2f}" for v in load))
+            lines.append(f"{name:<{width}}" + "".join(f"{v:{col}.2f}" for v in row))
+        lines.append(f"{'all (load f_i)':<{width}}" + "".join(f"{v:{col}.2f}" for v in load))
     return "\n".join(lines)
+
+
+def _expert_labels(tables, E, prefix=""):
+    """The experts' names when the model gives them (CGC / PLE: "t0.e1", "shared.e0"), else their numbers."""
+    names = tables.get("experts")
+    return list(names) if names and len(names) == E else [f"{prefix}{e}" for e in range(E)]
 
 
 def routes_figure(tables):
@@ -173,7 +181,8 @@ def routes_figure(tables):
         ax.set_title(f"MoE layer {i}" if n > 1 else "task x expert")
         ax.set_xlabel("expert")
         ax.set_xticks(range(E))
-        ax.set_xticklabels([str(e) for e in range(E)], fontsize=7)
+        named = "experts" in tables
+        ax.set_xticklabels(_expert_labels(tables, E), fontsize=7, rotation=90 if named else 0)
         ax.set_yticks(range(len(tasks)))
         ax.set_yticklabels(tasks if i == 0 else [], fontsize=7)
     cbar = fig.colorbar(im, cax=fig.add_subplot(grid[0, n]))
@@ -188,8 +197,10 @@ def routes_figure(tables):
     ax.set_xlabel("expert")
     ax.set_ylabel("share of all assignments")
     ax.set_xticks(range(E))
+    ax.set_xticklabels(_expert_labels(tables, E), rotation=90 if "experts" in tables else 0)
     # the legend sits below the axes, where it cannot hide a bar
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(n + 1, 4), frameon=False)
+    below = -0.42 if "experts" in tables else -0.18  # under the (rotated) expert names
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, below), ncol=min(n + 1, 4), frameon=False)
     fig.tight_layout()
     return fig
 

@@ -241,8 +241,11 @@ def routing_tables(model, data, batch_size=512) -> dict:
         if not weights:
             raise ValueError(f"{type(model).__name__} has no routing to show")
         table = np.stack([w.mean(axis=0) for w in weights])  # (num_tasks, E)
-        return {"tasks": names, "layers": [table], "expert_load": [table.mean(axis=0)],
-                "what": "mean gate weight of each task per expert"}
+        out = {"tasks": names, "layers": [table], "expert_load": [table.mean(axis=0)],
+               "what": "mean gate weight of each task per expert"}
+        if hasattr(model, "expert_names"):  # CGC / PLE: each task's own experts, then the shared ones
+            out["experts"] = list(model.expert_names)
+        return out
     layers = model.moe_layers
     counts = [np.zeros((len(names), m.num_experts)) for m in layers]
     with no_grad():
