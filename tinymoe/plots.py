@@ -189,18 +189,18 @@ def routes_figure(tables):
     cbar.set_label(tables["what"], fontsize=8)
 
     ax = fig.add_subplot(grid[0, n + 1])
+    gates = tables["what"].startswith("mean gate weight")  # a multi-gate model: dense gates, no layers
     width = 0.8 / len(tables["expert_load"])
     for i, load in enumerate(tables["expert_load"]):
-        ax.bar(np.arange(E) + (i - (n - 1) / 2) * width, load, width, label=f"layer {i}")
+        ax.bar(np.arange(E) + (i - (n - 1) / 2) * width, load, width, label="mean over tasks" if gates else f"layer {i}")
     ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
-    ax.set_title("expert load f_i per layer")
+    ax.set_title("mean gate weight per expert (over tasks)" if gates else "expert load f_i per layer")
     ax.set_xlabel("expert")
-    ax.set_ylabel("share of all assignments")
+    ax.set_ylabel("mean gate weight" if gates else "share of all assignments")
     ax.set_xticks(range(E))
     ax.set_xticklabels(_expert_labels(tables, E), rotation=90 if "experts" in tables else 0)
-    # the legend sits below the axes, where it cannot hide a bar
-    below = -0.42 if "experts" in tables else -0.18  # under the (rotated) expert names
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, below), ncol=min(n + 1, 4), frameon=False)
+    # the legend sits beside the axes, where it cannot hide a bar or a label
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
