@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tinymoe.cli import main
-from tinymoe.config import DATA_KINDS, DataConfig, MultiGateConfig, load_config, model_config, read_file
-from tinymoe.config_docs import DATA_KEYS, MODEL_KEYS, default_config
+from tinymoe.config import (DATA_KEYS, DATA_KINDS, MODEL_KEYS, DataConfig, MultiGateConfig, load_config, model_config,
+                            read_file)
+from tinymoe.config_docs import default_config
 from tinymoe.model import ModelConfig
 from tinymoe.train import OptimConfig
 

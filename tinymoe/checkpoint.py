@@ -115,6 +115,8 @@ MODELS: dict[str, ModelSpec] = {
     "tinymoe.MoETransformer": ModelSpec("tinymoe.model:MoETransformer", _dataclass_config, _build_transformer),
     "tinymoe.nn.MoE": ModelSpec("tinymoe.nn.moe:MoE", _dict_config, _build_from_kwargs),
     "tinymoe.nn.MultiGateMoE": ModelSpec("tinymoe.nn.moe:MultiGateMoE", _dict_config, _build_from_kwargs),
+    "tinymoe.nn.CGC": ModelSpec("tinymoe.nn.ple:CGC", _dict_config, _build_from_kwargs),
+    "tinymoe.nn.PLE": ModelSpec("tinymoe.nn.ple:PLE", _dict_config, _build_from_kwargs),
     "tinymoe.experiments.SharedBottom": ModelSpec("tinymoe.experiments.common:SharedBottom", _dict_config,
                                                   _build_from_kwargs),
 }

@@ -116,6 +116,32 @@ class MultiGateConfig:
 
 MODEL_FAMILIES = ("multigate", "cgc", "ple", "shared_bottom")
 
+# [data] keys per dataset kind (besides kind, split and seed, which every kind uses)
+DATA_KEYS = {
+    "sequence": ("tasks", "n_per_task", "seq_len", "vocab_size"),
+    "mmoe": ("n", "rho", "d"),
+    "clustered": ("n", "num_tasks", "num_clusters", "rho", "d"),
+    "digits": ("mode", "n"),
+    "table": ("path", "target_columns", "feature_columns", "task_type", "standardize"),
+}
+_DATA_COMMON = ("kind", "split", "seed")
+
+# [model] keys per model family of tabular data (sequence data: every ModelConfig field the data does not decide)
+MODEL_KEYS = {
+    "multigate": ("num_experts", "d_expert", "d_hidden", "gate", "k", "per_example", "tower_hidden", "gamma",
+                  "aux_weights"),
+    "shared_bottom": ("d_expert", "d_hidden", "tower_hidden"),
+    "cgc": ("num_task_experts", "num_shared_experts", "d_expert", "d_hidden", "tower_hidden"),
+    "ple": ("num_task_experts", "num_shared_experts", "num_levels", "d_expert", "d_hidden", "tower_hidden"),
+}
+
+
+def used_keys(section, kind_or_family) -> set:
+    """The [data] keys a dataset kind reads, or the [model] keys a tabular model family reads."""
+    if section == "data":
+        return set(_DATA_COMMON) | set(DATA_KEYS[kind_or_family])
+    return {"family", "seed"} | set(MODEL_KEYS.get(kind_or_family, ()))
+
 
 @dataclass
 class RunConfig:
@@ -133,8 +159,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """As a dict, [data] and [model] holding only the keys this dataset kind and model use."""
-        from .config_docs import used_keys
-
         out = asdict(self)
         out["data"] = {k: v for k, v in out["data"].items() if k in used_keys("data", self.data.kind)}
         if not self.sequence and "family" in self.model:

@@ -1,9 +1,10 @@
 """The run config explained by itself: which keys each dataset kind and model family use, and the full default
 config as commented TOML (`tinymoe config [--data KIND] [--set key=value ...]`).
 
-The comment of a key is the comment on its dataclass field (DataConfig, ModelConfig, MultiGateConfig,
-OptimConfig, RunConfig), or, where the field has none, the entry in `_COMMENTS` below; a test checks that every
-key printed has one.
+Which keys each dataset kind and model family read is `tinymoe.config.DATA_KEYS` / `MODEL_KEYS`. The comment
+of a key is the comment on its dataclass field (DataConfig, ModelConfig, MultiGateConfig, OptimConfig,
+RunConfig), or, where the field has none, the entry in `_COMMENTS` below; a test checks that every key printed
+has one.
 """
 from __future__ import annotations
 
@@ -12,24 +13,9 @@ import inspect
 import json
 import re
 
-# [data] keys per dataset kind (besides kind, split and seed, which every kind uses)
-DATA_KEYS = {
-    "sequence": ("tasks", "n_per_task", "seq_len", "vocab_size"),
-    "mmoe": ("n", "rho", "d"),
-    "clustered": ("n", "num_tasks", "num_clusters", "rho", "d"),
-    "digits": ("mode", "n"),
-    "table": ("path", "target_columns", "feature_columns", "task_type", "standardize"),
-}
-_DATA_COMMON = ("kind", "split", "seed")
-
-# [model] keys per model family of tabular data (sequence data: every ModelConfig field the data does not decide)
-MODEL_KEYS = {
-    "multigate": ("num_experts", "d_expert", "d_hidden", "gate", "k", "per_example", "tower_hidden", "gamma",
-                  "aux_weights"),
-    "shared_bottom": ("d_expert", "d_hidden", "tower_hidden"),
-    "cgc": ("num_task_experts", "num_shared_experts", "d_expert", "d_hidden", "tower_hidden"),
-    "ple": ("num_task_experts", "num_shared_experts", "num_levels", "d_expert", "d_hidden", "tower_hidden"),
-}
+from .config import _FROM_DATA, DataConfig, MultiGateConfig, RunConfig, load_config, model_config
+from .model import ModelConfig
+from .train import OptimConfig
 
 _COMMENTS = {
     ("run", "name"): "the run folder is <out>/<name>-<date>-<time>",
@@ -58,13 +44,6 @@ _COMMENTS = {
 }
 
 _TEMPLATE_TABLE = {"path": "data.csv", "target_columns": ["target_a", "target_b"]}  # placeholders for kind = table
-
-
-def used_keys(section, kind_or_family) -> set:
-    """The [data] keys a dataset kind reads, or the [model] keys a tabular model family reads."""
-    if section == "data":
-        return set(_DATA_COMMON) | set(DATA_KEYS[kind_or_family])
-    return {"family", "seed"} | set(MODEL_KEYS.get(kind_or_family, ()))
 
 
 def field_comments(cls) -> dict:
@@ -110,8 +89,6 @@ def _lines(values: dict, comments: dict, section: str) -> list[str]:
 def default_config(kind="sequence", overrides=()):
     """The resolved RunConfig `tinymoe train --set data.kind=KIND [--set ...]` would run, as a dict of sections
     holding only the keys that dataset and model use (for kind = table: placeholder path and targets)."""
-    from .config import _FROM_DATA, load_config, model_config
-
     sets = [f"data.kind={kind}"] + list(overrides)
     if kind == "table":
         given = {o.split("=", 1)[0].strip() for o in overrides}
@@ -124,10 +101,6 @@ def default_config(kind="sequence", overrides=()):
 
 def default_config_toml(kind="sequence", overrides=()) -> str:
     """The full default run config for dataset `kind` as TOML, one comment per key (see the module docstring)."""
-    from .config import DataConfig, MultiGateConfig, RunConfig
-    from .model import ModelConfig
-    from .train import OptimConfig
-
     values = default_config(kind, overrides)
     sequence = kind == "sequence"
     head = [f"# tinymoe run config: data.kind = {kind!r}, every key at its default "

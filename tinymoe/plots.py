@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from .tensor import no_grad
+
 
 def _pyplot():
     import matplotlib
@@ -144,6 +146,48 @@ def plot_curves(run_dir, out=None) -> str:
 # ---- routing ---------------------------------------------------------------------------------------------------------
 
 
+def has_routing(model) -> bool:
+    """Whether the model routes at all (a dense transformer or shared-bottom has nothing to show)."""
+    return bool(getattr(model, "moe_layers", None)) or hasattr(model, "last_weights")
+
+
+def routing_tables(model, data, batch_size=512) -> dict:
+    """What the model routes where on `data`, in eval mode.
+
+    Returns {"tasks": names, "layers": [per layer (num_tasks, E) share of each task's assignments per expert],
+    "expert_load": [per layer (E,) share of all assignments]}. For a MultiGateMoE the one "layer" is each task's
+    mean gate weight per expert.
+    """
+    if not has_routing(model):
+        raise ValueError(f"{type(model).__name__} has no MoE layer: there is no routing to show")
+    model.eval()
+    names = list(data.task_names)
+    if not hasattr(model, "moe_layers"):  # MultiGateMoE: every example is scored on every task
+        with no_grad():
+            model(data.x[:batch_size * 4])
+        weights = getattr(model, "last_weights", None)
+        if not weights:
+            raise ValueError(f"{type(model).__name__} has no routing to show")
+        table = np.stack([w.mean(axis=0) for w in weights])  # (num_tasks, E)
+        out = {"tasks": names, "layers": [table], "expert_load": [table.mean(axis=0)],
+               "what": "mean gate weight of each task per expert"}
+        if hasattr(model, "expert_names"):  # CGC / PLE: each task's own experts, then the shared ones
+            out["experts"] = list(model.expert_names)
+        return out
+    layers = model.moe_layers
+    counts = [np.zeros((len(names), m.num_experts)) for m in layers]
+    with no_grad():
+        for start in range(0, len(data), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(data)))
+            model(data.tokens[idx], task_ids=data.task_ids[idx])
+            for c, m in zip(counts, layers):
+                c += m.last_routing.task_expert_load(len(names))
+    shares = [c / np.maximum(c.sum(axis=1, keepdims=True), 1) for c in counts]
+    loads = [c.sum(axis=0) / max(c.sum(), 1) for c in counts]
+    return {"tasks": names, "layers": shares, "expert_load": loads,
+            "what": "share of each task's assignments per expert"}
+
+
 def format_routing(tables) -> str:
     """The routing tables (tinymoe.runs.routing_tables) as aligned text: full task names, one column per expert."""
     lines = []
@@ -207,8 +251,6 @@ def routes_figure(tables):
 
 def plot_routes(model, data, path) -> str:
     """Task x expert heatmap per MoE layer plus per-layer expert load, to a PNG (needs matplotlib)."""
-    from .runs import routing_tables
-
     fig = routes_figure(routing_tables(model, data))
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)

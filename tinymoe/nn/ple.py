@@ -159,13 +159,3 @@ class CGC(PLE):
                  d_hidden=None, tower_hidden=8, out_dim=1, dtype=np.float32):
         super().__init__(d_in, d_expert, num_tasks, num_task_experts, num_shared_experts, 1, seed, d_hidden=d_hidden,
                          tower_hidden=tower_hidden, out_dim=out_dim, dtype=dtype)
-
-
-def _register():
-    from ..checkpoint import register_model
-
-    register_model("tinymoe.nn.PLE", "tinymoe.nn.ple:PLE")
-    register_model("tinymoe.nn.CGC", "tinymoe.nn.ple:CGC")
-
-
-_register()
