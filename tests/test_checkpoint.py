@@ -128,7 +128,7 @@ def test_moe_round_trip_float64(tmp_path, gate):
 
 
 def test_shared_bottom_round_trip(tmp_path):
-    from tinymoe.experiments.common import SharedBottom
+    from tinymoe.nn import SharedBottom
 
     model = SharedBottom(d_in=4, d_out=6, num_tasks=2, seed=1, dtype=np.float64)
     perturb(model)

@@ -24,9 +24,11 @@ LAYERS = [  # bottom first; a module may import from its own layer and from the 
     ("gates and losses", ["tinymoe.gates", "tinymoe.losses"]),
     ("modules", ["tinymoe.nn*"]),
     ("model", ["tinymoe.model"]),
-    ("checkpoint", ["tinymoe.checkpoint"]),
+    ("expert parallelism", ["tinymoe.distributed", "tinymoe.distributed.comm", "tinymoe.distributed.ops",
+                            "tinymoe.distributed.layer", "tinymoe.distributed.parallel"]),
+    ("checkpoint", ["tinymoe.checkpoint", "tinymoe.interop"]),
     ("training", ["tinymoe.train"]),
-    ("runs", ["tinymoe.config", "tinymoe.runs"]),
+    ("runs", ["tinymoe.config", "tinymoe.config_docs", "tinymoe.plots", "tinymoe.runs", "tinymoe.distributed.run"]),
     ("experiments", ["tinymoe.experiments*"]),
     ("front door", ["tinymoe.cli", "tinymoe"]),
 ]

@@ -20,7 +20,7 @@ from tinymoe.backends import use_backend
 from tinymoe.checkpoint import CheckpointError, load_checkpoint
 from tinymoe.config import (DEMO, ConfigError, DataConfig, MultiGateConfig, apply_overrides, load_config,
                             model_config, parse_value, run_config_from_dict)
-from tinymoe.experiments.common import SharedBottom
+from tinymoe.nn import SharedBottom
 from tinymoe.nn import Module, MultiGateMoE
 from tinymoe.runs import build_data, build_model, format_routing, load_run, routing_tables, train_run
 from tinymoe.engine import Tensor

@@ -2,7 +2,8 @@
 
     import tinymoe as tm
     tm.save("runs/a/last.safetensors", model, optimizer, train_state={"step": 100, "rng": rng.bit_generator.state})
-    model = tm.load("runs/a/last.safetensors")                     # inference: just the rebuilt model
+    model = tm.load("runs/a/last.safetensors")                     # inference: the best-on-validation weights
+    model = tm.load("runs/a/last.safetensors", which="last")       # the weights at the last saved step
     ck = tm.checkpoint.load_checkpoint("runs/a/last.safetensors")  # resume: model, optimizer, loop state
     optimizer = ck.make_optimizer()                                # same class, hyper-parameters and moments
 
@@ -182,6 +183,8 @@ MODELS: dict[str, ModelSpec] = {
     "tinymoe.MoETransformer": ModelSpec(MoETransformer, _dataclass_config, _build_transformer, _transformer_parameters),
     "tinymoe.nn.MoE": ModelSpec(nn.MoE, _dataclass_config, _build_from_kwargs, _moe_parameters),
     "tinymoe.nn.MultiGateMoE": ModelSpec(nn.MultiGateMoE, _dict_config, _build_from_kwargs, _multigate_parameters),
+    "tinymoe.nn.CGC": ModelSpec(nn.CGC, _dict_config, _build_from_kwargs),
+    "tinymoe.nn.PLE": ModelSpec(nn.PLE, _dict_config, _build_from_kwargs),
     "tinymoe.nn.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs, _shared_bottom_parameters),
     # the name files written before SharedBottom moved into tinymoe.nn carry (read only: saving uses the one above)
     "tinymoe.experiments.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs,
@@ -626,12 +629,33 @@ def load_checkpoint(path, model=None) -> Checkpoint:
     return ck
 
 
-def load(path):
+LOAD_WHICH = ("best", "last")
+
+
+def load(path, which="best"):
     """The model saved at `path`, rebuilt from its config with its weights (and their float dtype) loaded.
 
+    which="best" (the default): the best-on-validation weights when the checkpoint holds them (a checkpoint that
+    `fit` wrote while evaluating on a validation set, e.g. a run's checkpoint.safetensors: the model `tinymoe eval`
+    reports on), else the only weights it holds (a file written by `tm.save`).
+    which="last": the weights at the last saved step (where `--resume` continues), even when best ones exist.
     See `load_checkpoint` for the optimizer and train_state, and for the errors raised."""
-    return load_checkpoint(path).model
+    if which not in LOAD_WHICH:
+        raise ValueError(f"load: which must be one of {LOAD_WHICH}, got {which!r}")
+    ck = load_checkpoint(path)
+    if which == "best":
+        best = best_weights(ck)
+        if best is not None:
+            ck.model.load_state_dict(best)
+    return ck.model
 
 
-__all__ = ["save", "load", "load_checkpoint", "read_header", "Checkpoint", "CheckpointError", "register_model",
+def best_weights(ck: Checkpoint):
+    """The best-on-validation weights `fit` kept in checkpoint `ck` (a state_dict), or None if it holds none."""
+    if not (ck.train_state or {}).get("has_best"):
+        return None
+    return {k[len("best."):]: v for k, v in ck.extra_tensors.items() if k.startswith("best.")}
+
+
+__all__ = ["save", "load", "load_checkpoint", "best_weights", "read_header", "Checkpoint", "CheckpointError", "register_model",
            "MODELS", "FORMAT_NAME", "FORMAT_VERSION"]

@@ -3,6 +3,8 @@
     tinymoe train [--config run.toml] [--set key=value ...]   # no arguments: the built-in multi-task demo
     tinymoe eval RUN_DIR                                      # per-task test metrics of a finished run
     tinymoe routes RUN_DIR                                    # task x expert routing heatmap, per-layer load (PNG)
+    tinymoe plot RUN_DIR                                      # curves.png: losses, aux losses, metrics, expert load
+    tinymoe config [--data KIND] [--set key=value ...]        # the full default run config as commented TOML
     tinymoe bench [--backend numba] [--json PATH]             # MoE layer vs dense-equivalent FFN, per backend
     tinymoe experiment NAME [--preset small]                  # the experiments of docs/design.md §7 (e1 .. e4)
 
@@ -30,18 +32,22 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.set)
     result = train_run(cfg, run_dir=args.run_dir, log=(lambda *a: None) if args.quiet else print,
                        progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
-    _print_test(result["test"])
+    _print_test(result["test"], cfg=cfg)
     print(f"\nrun folder: {result['dir']}  (metrics.jsonl, checkpoint.safetensors, results.json)")
+    if result.get("curves"):
+        print(f"training curves: {result['curves']}")
     if result["plot"]:
         print(f"routing plot: {result['plot']}")
     else:
         print("routing plot: none (the model has no MoE layer, or matplotlib is missing: pip install 'tinymoe[plot]')")
-    print(f"next: tinymoe eval {result['dir']}   |   tinymoe routes {result['dir']}")
+    print(f"next: tinymoe eval {result['dir']}   |   tinymoe routes {result['dir']}   |   tinymoe plot {result['dir']}")
     return 0
 
 
-def _print_test(test):
-    print(f"\ntest {test['metric']} per task (mean {test['mean']:.4f}):")
+def _print_test(test, split="test", cfg=None):
+    scaled = cfg is not None and cfg.data.kind == "table" and cfg.data.standardize and test["metric"] == "mse"
+    note = " (targets standardized: 1.0 = predicting the mean)" if scaled else ""
+    print(f"\n{split} {test['metric']} per task (mean {test['mean']:.4f}){note}:")
     for name, value in test["per_task"].items():
         extra = f"   (whole sequence right: {test['exact'][name]:.3f})" if "exact" in test else ""
         print(f"  {name:>20}  {value:.4f}{extra}")
@@ -54,7 +60,7 @@ def _eval(args) -> int:
     cfg, model, splits = load_run(args.run_dir)
     with run_backend(cfg.backend):
         test = evaluate(model, splits[args.split])
-    _print_test(test)
+    _print_test(test, args.split, cfg)
     return 0
 
 
@@ -90,6 +96,28 @@ def _bench(argv) -> int:
     return bench_main(argv)
 
 
+def _plot(args) -> int:
+    from .config import ConfigError
+    from .plots import plot_curves
+
+    try:
+        path = plot_curves(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'tinymoe[plot]')", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _config(args) -> int:
+    from .config_docs import default_config_toml
+
+    print(default_config_toml(args.data, args.set), end="")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tinymoe", description="Mixture-of-Experts from scratch: train, inspect, "
                                      "benchmark.")
@@ -116,6 +144,18 @@ def main(argv=None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/routes.png)")
     p.set_defaults(fn=_routes)
+
+    p = sub.add_parser("plot", help="training curves of a run (losses, aux losses, per-task metrics, expert load)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(fn=_plot)
+
+    p = sub.add_parser("config", help="print the full default run config as TOML, one comment per key")
+    p.add_argument("--data", default="sequence", choices=["sequence", "mmoe", "clustered", "digits", "table"],
+                   help="the dataset kind whose [data] and [model] keys to print (default sequence)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="start from these overrides, e.g. --set model.family=ple")
+    p.set_defaults(fn=_config)
 
     p = sub.add_parser("bench", help="benchmark the MoE hot path per backend", add_help=False)
     p.set_defaults(fn=None)

@@ -66,7 +66,9 @@ class DataConfig:
     mode: str = "side_by_side"  # digits: side_by_side | overlay
     path: str = ""  # table: a .csv or .npz file
     target_columns: list | None = None  # table: one task per column
+    feature_columns: list | None = None  # table: the input columns (default: every column that is not a target)
     task_type: str = "regression"  # table: regression | classification
+    standardize: bool = True  # table: z-score features (and regression targets) with the training split's mean, std
     split: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train / val / test fractions
     seed: int = 0
 
@@ -106,9 +108,10 @@ def _finite_all(values):
 
 @dataclass
 class MultiGateConfig:
-    """The MMoE / DSelect-k family for tabular data (tinymoe.nn.MultiGateMoE), or shared-bottom."""
+    """Multi-task models for tabular data: MMoE / DSelect-k (tinymoe.nn.MultiGateMoE), CGC / PLE (tinymoe.nn.CGC,
+    tinymoe.nn.PLE), or shared-bottom."""
 
-    family: str = "multigate"  # multigate | shared_bottom
+    family: str = "multigate"  # multigate (MMoE, top-k, DSelect-k) | cgc | ple | shared_bottom
     num_experts: int = 8
     d_expert: int = 16
     d_hidden: int | None = 32
@@ -118,7 +121,43 @@ class MultiGateConfig:
     tower_hidden: int = 8
     gamma: float = 1.0
     aux_weights: dict = field(default_factory=dict)
+    num_task_experts: int = 2  # cgc / ple: experts of each task's own
+    num_shared_experts: int = 2  # cgc / ple: experts every task shares
+    num_levels: int = 2  # ple: stacked extraction levels (cgc is one level)
     seed: int = 0
+
+    def __post_init__(self):
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"model.family must be one of {MODEL_FAMILIES}, got {self.family!r}")
+
+
+MODEL_FAMILIES = ("multigate", "cgc", "ple", "shared_bottom")
+
+# [data] keys per dataset kind (besides kind, split and seed, which every kind uses)
+DATA_KEYS = {
+    "sequence": ("tasks", "n_per_task", "seq_len", "vocab_size"),
+    "mmoe": ("n", "rho", "d"),
+    "clustered": ("n", "num_tasks", "num_clusters", "rho", "d"),
+    "digits": ("mode", "n"),
+    "table": ("path", "target_columns", "feature_columns", "task_type", "standardize"),
+}
+_DATA_COMMON = ("kind", "split", "seed")
+
+# [model] keys per model family of tabular data (sequence data: every ModelConfig field the data does not decide)
+MODEL_KEYS = {
+    "multigate": ("num_experts", "d_expert", "d_hidden", "gate", "k", "per_example", "tower_hidden", "gamma",
+                  "aux_weights"),
+    "shared_bottom": ("d_expert", "d_hidden", "tower_hidden"),
+    "cgc": ("num_task_experts", "num_shared_experts", "d_expert", "d_hidden", "tower_hidden"),
+    "ple": ("num_task_experts", "num_shared_experts", "num_levels", "d_expert", "d_hidden", "tower_hidden"),
+}
+
+
+def used_keys(section, kind_or_family) -> set:
+    """The [data] keys a dataset kind reads, or the [model] keys a tabular model family reads."""
+    if section == "data":
+        return set(_DATA_COMMON) | set(DATA_KEYS[kind_or_family])
+    return {"family", "seed"} | set(MODEL_KEYS.get(kind_or_family, ()))
 
 
 @dataclass
@@ -136,7 +175,13 @@ class RunConfig:
         return self.data.kind == "sequence"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As a dict, [data] and [model] holding only the keys this dataset kind and model use."""
+        out = asdict(self)
+        out["data"] = {k: v for k, v in out["data"].items() if k in used_keys("data", self.data.kind)}
+        if not self.sequence and "family" in self.model:
+            keep = used_keys("model", self.model["family"])
+            out["model"] = {k: v for k, v in out["model"].items() if k in keep}
+        return out
 
 
 # The built-in demo: four sequence tasks, a task-aware MoE transformer; about a minute on 2 cores.

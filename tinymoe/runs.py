@@ -6,6 +6,7 @@ A run folder holds
     checkpoint.safetensors   weights + optimizer state + training state (tinymoe.checkpoint)
     results.json             per-task test metrics of the final (best-on-val) model
     routes.png               task x expert routing heatmaps and per-layer expert load (when matplotlib is there)
+    curves.png               loss, aux losses, per-task validation metric, expert load over steps (tinymoe.plots)
     .lock                    an empty file a running `tinymoe train` holds a lock on (flock), so two runs never share it
 
 Every file is written atomically (temporary file + rename) except metrics.jsonl, which is only appended to and, on
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import backends, data as D
 from .config import ConfigError, RunConfig, check_memory, model_config, run_config_from_dict
-from .engine import no_grad
+from .plots import format_routing, has_routing, plot_routes, routing_tables  # noqa: F401  (re-exported)
 
 
 def _seed(own, run_seed):
@@ -54,13 +55,31 @@ def _build_data(cfg: RunConfig) -> dict:
     elif d.kind == "digits":
         ds = D.multi_digits(d.mode, n=d.n, seed=seed)
     else:
-        ds = D.load_table(d.path, d.target_columns, task_type=d.task_type)
+        ds = D.load_table(d.path, d.target_columns, d.feature_columns, task_type=d.task_type)
     splits = D.train_val_test_split(ds, tuple(d.split), seed=seed)
     empty = [name for name, part in splits.items() if len(part) == 0]
     if empty:  # an empty split would train on nothing, or write NaN metrics
         raise ConfigError(f"[data] {len(ds)} examples leave the {' and '.join(empty)} split(s) empty with data.split = "
                           f"{list(d.split)}; use more examples (at least one per split), or change data.split")
-    return splits
+    return standardized(splits) if d.kind == "table" and d.standardize else splits
+
+
+def standardized(splits: dict) -> dict:
+    """Every split's features (and regression targets) z-scored with the TRAINING split's mean and std, so raw
+    columns of any scale train alike and each task's MSE is in units of its target's variance (1 = predicting the
+    mean). The statistics go in meta ("x_mean", "x_std", "y_mean", "y_std") to map predictions back: y·std + mean."""
+    train = splits["train"]
+    stats = {"x_mean": train.x.mean(axis=0), "x_std": train.x.std(axis=0)}
+    regression = train.task_type == "regression"
+    if regression:
+        stats.update(y_mean=train.y.mean(axis=0), y_std=train.y.std(axis=0))
+    stats = {k: np.where(v > 0, v, 1.0) if k.endswith("std") else v for k, v in stats.items()}  # constant: as is
+    out = {}
+    for name, ds in splits.items():
+        y = (ds.y - stats["y_mean"]) / stats["y_std"] if regression else ds.y
+        meta = {**ds.meta, **{k: v.tolist() for k, v in stats.items()}}
+        out[name] = dataclasses.replace(ds, x=(ds.x - stats["x_mean"]) / stats["x_std"], y=y, meta=meta)
+    return out
 
 
 def _model_config(cfg: RunConfig, train):
@@ -83,8 +102,13 @@ def build_model(cfg: RunConfig, train):
 
         return SharedBottom(train.num_features, mc.d_expert, train.num_tasks, mc.seed, d_hidden=mc.d_hidden,
                             tower_hidden=mc.tower_hidden, out_dim=out_dim)
-    if mc.family != "multigate":
-        raise ConfigError(f"model.family must be 'multigate' or 'shared_bottom', got {mc.family!r}")
+    if mc.family in ("cgc", "ple"):
+        from .nn import CGC, PLE
+
+        levels = {"num_levels": mc.num_levels} if mc.family == "ple" else {}
+        return (PLE if mc.family == "ple" else CGC)(
+            train.num_features, mc.d_expert, train.num_tasks, mc.num_task_experts, mc.num_shared_experts,
+            seed=mc.seed, d_hidden=mc.d_hidden, tower_hidden=mc.tower_hidden, out_dim=out_dim, **levels)
     from .nn import MultiGateMoE
 
     return MultiGateMoE(train.num_features, mc.d_expert, mc.num_experts, train.num_tasks, gate=mc.gate, k=mc.k,
@@ -117,7 +141,7 @@ def run_backend(name):
         yield name
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "results.json", "routes.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "results.json", "routes.png", "curves.png")
 
 
 def new_run_dir(cfg: RunConfig) -> str:
@@ -212,7 +236,7 @@ class RunFailed(RuntimeError):
 
 def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=False, overwrite=False,
               comm=None) -> dict:
-    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "plot", "model"}.
+    """Train per `cfg` into a run folder; returns {"dir", "test", "backend", "plot", "curves", "model"}.
 
     Everything is checked before anything is written (config, backend, data, memory, the folder). A folder that
     already holds a run needs `resume` (continue it) or `overwrite` (replace it). The folder is locked while
@@ -261,7 +285,8 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     if resume:
         saved = read_json(config_path, "run config")
         for section in ("data", "model"):
-            if saved.get(section) != cfg.to_dict()[section]:
+            now = cfg.to_dict()[section]  # (a folder written before config.json was trimmed may hold more keys)
+            if {k: (saved.get(section) or {}).get(k) for k in now} != now:
                 raise ConfigError(f"--resume: [{section}] differs from the run's config.json; resume with the same "
                                   f"settings (tinymoe train --config {config_path} --run-dir {run_dir} --resume)")
     if parallel is not None and not parallel.is_root:  # distributed hook: the root owns the folder; wait for it
@@ -333,13 +358,17 @@ def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, o
                 return {"dir": run_dir, "test": test, "backend": backend, "plot": None, "model": model}
         steps = history[-1]["step"] if history else cfg.optim.steps  # resuming a finished run logs nothing new
         write_json(os.path.join(run_dir, "results.json"), {"test": test, "backend": backend, "steps": steps})
-        plot = None
+        plot = curves = None
         if has_routing(model):
             with contextlib.suppress(ImportError), backends.use_backend(backend):
                 plot = plot_routes(model, splits["test"], os.path.join(run_dir, "routes.png"))
+        with contextlib.suppress(ImportError):
+            from .plots import plot_curves
+
+            curves = plot_curves(run_dir)
     except (OSError, MemoryError, TrainingDiverged) as e:
         raise RunFailed(_failure(e, run_dir)) from e
-    return {"dir": run_dir, "test": test, "backend": backend, "plot": plot, "model": model}
+    return {"dir": run_dir, "test": test, "backend": backend, "plot": plot, "curves": curves, "model": model}
 
 
 def _failure(e, run_dir) -> str:
@@ -374,7 +403,7 @@ def load_run(run_dir):
 
     The model is built from the run's config.json, and the checkpoint must hold that very model: a checkpoint
     whose saved config differs (copied in from another run, or config.json edited) is refused, naming the keys."""
-    from .checkpoint import CheckpointError, MODELS, load_checkpoint, read_header
+    from .checkpoint import CheckpointError, MODELS, best_weights, load_checkpoint, read_header
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.lexists(path):
@@ -397,8 +426,8 @@ def load_run(run_dir):
                               "evaluate that run's folder, or retrain this one with --overwrite")
     ckpt = load_checkpoint(ckpt_path, model=model)
     model = ckpt.model  # the last weights (the resume point) ...
-    if (ckpt.train_state or {}).get("has_best"):  # ... but the run's result is the best-on-validation model
-        best = {k[len("best."):]: v for k, v in ckpt.extra_tensors.items() if k.startswith("best.")}
+    best = best_weights(ckpt)
+    if best is not None:  # ... but the run's result is the best-on-validation model
         try:
             model.load_state_dict(best)
         except (KeyError, ValueError) as e:
@@ -411,99 +440,3 @@ def load_run(run_dir):
 def _short_keys(keys, limit=4):
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
-
-def has_routing(model) -> bool:
-    """Whether the model routes at all (a dense transformer or shared-bottom has nothing to show)."""
-    return bool(getattr(model, "moe_layers", None)) or hasattr(model, "last_weights")
-
-
-# ---- routing inspection ----------------------------------------------------------------------------------------------
-
-
-def routing_tables(model, data, batch_size=512) -> dict:
-    """What the model routes where on `data`, in eval mode.
-
-    Returns {"tasks": names, "layers": [per layer (num_tasks, E) share of each task's assignments per expert],
-    "expert_load": [per layer (E,) share of all assignments]}. For a MultiGateMoE the one "layer" is each task's
-    mean gate weight per expert.
-    """
-    if not has_routing(model):
-        raise ValueError(f"{type(model).__name__} has no MoE layer: there is no routing to show")
-    model.eval()
-    names = list(data.task_names)
-    if not hasattr(model, "moe_layers"):  # MultiGateMoE: every example is scored on every task
-        with no_grad():
-            model(data.x[:batch_size * 4])
-        weights = getattr(model, "last_weights", None)
-        if not weights:
-            raise ValueError(f"{type(model).__name__} has no routing to show")
-        table = np.stack([w.mean(axis=0) for w in weights])  # (num_tasks, E)
-        return {"tasks": names, "layers": [table], "expert_load": [table.mean(axis=0)],
-                "what": "mean gate weight of each task per expert"}
-    layers = model.moe_layers
-    counts = [np.zeros((len(names), m.num_experts)) for m in layers]
-    with no_grad():
-        for start in range(0, len(data), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(data)))
-            model(data.tokens[idx], task_ids=data.task_ids[idx])
-            for c, m in zip(counts, layers):
-                c += m.last_routing.task_expert_load(len(names))
-    shares = [c / np.maximum(c.sum(axis=1, keepdims=True), 1) for c in counts]
-    loads = [c.sum(axis=0) / max(c.sum(), 1) for c in counts]
-    return {"tasks": names, "layers": shares, "expert_load": loads,
-            "what": "share of each task's assignments per expert"}
-
-
-def format_routing(tables) -> str:
-    """The routing tables as text (the same numbers the plot shows)."""
-    lines = []
-    for i, (share, load) in enumerate(zip(tables["layers"], tables["expert_load"])):
-        E = share.shape[1]
-        lines.append(f"MoE layer {i}: {tables['what']}")
-        lines.append(f"{'task':>16} " + " ".join(f"e{e:<4}" for e in range(E)))
-        for name, row in zip(tables["tasks"], share):
-            lines.append(f"{name[:16]:>16} " + " ".join(f"{v:5.2f}" for v in row))
-        lines.append(f"{'all (load f_i)':>16} " + " ".join(f"{v:5.2f}" for v in load))
-    return "\n".join(lines)
-
-
-def plot_routes(model, data, path) -> str:
-    """Task x expert heatmap per MoE layer plus per-layer expert load, to a PNG (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tables = routing_tables(model, data)
-    n = len(tables["layers"])
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1) + 1, 0.35 * len(tables["tasks"]) + 2.2), squeeze=False)
-    for i, share in enumerate(tables["layers"]):
-        ax = axes[0, i]
-        im = ax.imshow(share, vmin=0, vmax=max(float(share.max()), 1e-9), cmap="viridis", aspect="auto")
-        ax.set_title(f"MoE layer {i}: task x expert")
-        ax.set_xlabel("expert")
-        ax.set_yticks(range(len(tables["tasks"])))
-        ax.set_yticklabels(tables["tasks"], fontsize=7)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = axes[0, n]
-    E = len(tables["expert_load"][0])
-    width = 0.8 / n
-    for i, load in enumerate(tables["expert_load"]):
-        ax.bar(np.arange(E) + (i - (n - 1) / 2) * width, load, width, label=f"layer {i}")
-    ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
-    ax.set_title("expert load f_i per layer")
-    ax.set_xlabel("expert")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp.png")  # atomic: render aside, then rename
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    finally:
-        plt.close(fig)
-    return path

@@ -338,7 +338,8 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
             stop = False
             if val is not None:
                 result = evaluate(model, val, parallel=parallel)
-                record["val"] = {"loss": result["loss"], "mean": result["mean"], "per_task": result["per_task"]}
+                record["val"] = {"loss": result["loss"], "mean": result["mean"], "per_task": result["per_task"],
+                                 "metric": result["metric"]}
                 better = state.best is None or (result["mean"] > state.best if result["higher_is_better"]
                                                 else result["mean"] < state.best)
                 if better:
@@ -398,7 +399,11 @@ def _truncate_records_after(path, step):
 
 
 def _routing_record(model) -> dict:
-    """Per MoE layer: the expert load f_i and the assignments dropped by capacity in the last batch."""
+    """Per MoE layer: the expert load f_i and the assignments dropped by capacity in the last batch. A multi-gate
+    model (one gate per task over shared experts) has one "layer": its mean gate weight per expert over tasks."""
+    weights = getattr(model, "last_weights", None)
+    if weights:
+        return {"expert_load": [np.round(np.mean([w.mean(axis=0) for w in weights], axis=0), 4).tolist()]}
     layers = getattr(model, "moe_layers", None) or []
     stats = [m.last_routing for m in layers if m.last_routing is not None]
     if not stats:

@@ -2,8 +2,15 @@
 
 A module finds its parameters and submodules by walking its attributes in the order they were set: a
 `Parameter`, a `Module`, or a list/tuple of modules (use `ModuleList` for readability). No registration calls.
+
+Dtypes: a module computes in its parameters' float dtype (float32 unless built with dtype=np.float64 or converted
+with `.to(np.float64)`). A float input of another dtype is cast to it on the way in: float32 into a float64 module
+widens exactly; float64 into a float32 module loses precision, so it also warns (once per call site) and says how
+to compute in float64 instead.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -40,11 +47,51 @@ def init_config(**kwargs) -> dict:
     return out
 
 
+# the names `Module.to` accepts: devices (where the arrays live) and float dtypes
+DEVICES = {"cpu": "numpy", "numpy": "numpy", "cuda": "cupy", "gpu": "cupy", "cupy": "cupy"}
+DTYPES = ("float32", "float64")
+CUDA_INSTALL = "pip install 'tinymoe[cuda12]' (CUDA 12; 'tinymoe[cuda13]' for CUDA 13) on a machine with an NVIDIA GPU"
+
+
+def _cupy_or_raise():
+    """The cupy module, or BackendUnavailable naming the install command when CuPy or a GPU is missing."""
+    from ..backends import BackendUnavailable
+
+    try:
+        import cupy
+    except ImportError:
+        raise BackendUnavailable(f"Module.to('cuda'): CuPy is not installed; {CUDA_INSTALL}") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing or broken: cupy raises its own runtime errors
+        raise BackendUnavailable(f"Module.to('cuda'): CuPy is installed but finds no usable GPU ({e}); {CUDA_INSTALL}"
+                                 ) from None
+    if count < 1:
+        raise BackendUnavailable(f"Module.to('cuda'): CuPy is installed but finds no GPU; {CUDA_INSTALL}")
+    return cupy
+
+
 class Module:
     training = True
 
     def __call__(self, *args, **kwargs):
+        if args:
+            args = tuple(self._cast_input(a) for a in args)
         return self.forward(*args, **kwargs)
+
+    def _cast_input(self, a):
+        """A float array or Tensor in this module's dtype (see the module docstring); anything else as is."""
+        dtype = getattr(a, "dtype", None)
+        if dtype is None or getattr(dtype, "kind", None) != "f":
+            return a
+        p = next(self.named_parameters(), (None, None))[1]
+        if p is None or p.dtype == dtype:
+            return a
+        if dtype.itemsize > p.dtype.itemsize:
+            warnings.warn(f"{type(self).__name__}: {dtype} input cast to the module's {p.dtype} (precision is lost); "
+                          f"call .to(np.{dtype}) on the module to compute in {dtype}, or pass {p.dtype} input",
+                          stacklevel=4)
+        return a.astype(p.dtype)
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__}.forward")
@@ -107,17 +154,41 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
-    def to(self, xp_or_name):
-        """Move every parameter to NumPy ('numpy') or CuPy ('cupy') arrays."""
-        name = xp_or_name if isinstance(xp_or_name, str) else xp_or_name.__name__
+    def to(self, device_or_dtype):
+        """Move every parameter to a device, or convert it to a float dtype; returns the module (like torch).
+
+        device: "cpu" / "numpy" (NumPy arrays) or "cuda" / "gpu" / "cupy" (CuPy arrays; needs CuPy and a GPU:
+        pip install 'tinymoe[cuda12]'). The numpy or cupy module itself is accepted too.
+        dtype: np.float32 / np.float64 (or their names). The forward pass then computes in that dtype: float64
+        input into a float64 module gives float64 output. Gradients are dropped (they had the old dtype).
+        Anything else raises ValueError naming the valid devices and dtypes.
+        """
+        target = device_or_dtype
+        if not isinstance(target, str) and hasattr(target, "__name__") and target.__name__ in ("numpy", "cupy"):
+            target = target.__name__  # the array module itself
+        if isinstance(target, str) and target.lower() in DEVICES:
+            if DEVICES[target.lower()] == "cupy":
+                cupy = _cupy_or_raise()
+                with no_grad():
+                    for p in self.parameters():
+                        p.data, p.grad = cupy.asarray(p.data), None
+            else:
+                with no_grad():
+                    for p in self.parameters():
+                        p.data, p.grad = np.asarray(p.numpy()), None
+            return self
+        try:
+            dtype = None if target is None else np.dtype(target)  # (np.dtype(None) would be float64)
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.name not in DTYPES or isinstance(target, (bool, int, float)):
+            raise ValueError(f"{type(self).__name__}.to({device_or_dtype!r}): expected a device "
+                             f"({', '.join(repr(d) for d in DEVICES)}) or a float dtype "
+                             f"(np.float32, np.float64, or 'float32', 'float64')")
         with no_grad():
             for p in self.parameters():
-                if name == "cupy":
-                    import cupy
-
-                    p.data = cupy.asarray(p.data)
-                else:
-                    p.data = p.numpy()
+                if p.dtype != dtype:
+                    p.data, p.grad = p.data.astype(dtype), None
         return self
 
     def extra_repr(self):
