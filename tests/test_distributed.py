@@ -188,7 +188,7 @@ def test_cli_trains_on_4_ranks_resumes_on_2_and_matches_one_process(tmp_path):
     first = mpiexec(4, *_tinymoe(), "train", *TRAIN, "--set", "optim.steps=3", "--run-dir", ep)
     assert first.returncode == 0, first.stderr[-4000:]
     assert first.stdout.count("test accuracy per task") == 1  # rank 0 only
-    assert sorted(n for n in os.listdir(ep) if n != ".lock") == ["checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json",
+    assert sorted(n for n in os.listdir(ep) if n != ".lock") == ["checkpoint.safetensors", "config.json", "curves.png", "metrics.jsonl", "results.json",
                                       "routes.png"]
     w3 = _weights(ep)
     assert w3["blocks.1.ffn.experts.w1"].shape[0] == 8  # all experts, gathered from the 4 ranks

@@ -208,5 +208,5 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(
     assert len(records(run / "metrics.jsonl")) == 60  # 120 steps, one record every 2
     assert json.loads((ref / "results.json").read_text()) == json.loads((run / "results.json").read_text())
     leftovers = [n for n in os.listdir(run) if n not in ("config.json", "metrics.jsonl", "checkpoint.safetensors",
-                                                          "results.json", "routes.png", ".lock")]
+                                                          "results.json", "routes.png", "curves.png", ".lock")]
     assert not leftovers, leftovers

@@ -50,7 +50,7 @@ def test_a_plain_saved_model_has_one_set_of_weights(tmp_path):
 
 def test_resume_without_a_run_leaves_no_folder(tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path / "nothing"), "--resume", "--quiet"]) == 2
-    assert "holds no checkpoint.safetensors" in capsys.readouterr().err
+    assert "no checkpoint to resume" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()
 
 

@@ -275,7 +275,8 @@ def _rules(cls) -> dict:
                 "num_description_parts": _optional(_size), "dropout": _probability,
                 "activation": _one_of(*_activations()), "aux_weights": _aux_weights, "seed": seed}
     if cls is MultiGateConfig:
-        return {"family": _one_of("multigate", "shared_bottom"), "num_experts": _size, "d_expert": _size,
+        return {"family": _one_of(*MODEL_FAMILIES), "num_task_experts": _count, "num_shared_experts": _count,
+                "num_levels": _size, "num_experts": _size, "d_expert": _size,
                 "d_hidden": _optional(_size), "gate": _one_of("softmax", "top_k", "dselect_k"), "k": _size,
                 "tower_hidden": _size, "gamma": _positive, "aux_weights": _aux_weights, "seed": seed}
     if cls is DataConfig:
@@ -527,11 +528,15 @@ def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_class
             return data, f"{n_examples:,} examples (model not counted: its input width comes from the data)"
         c = from_dict(MultiGateConfig, {**cfg.model, "seed": 0}, "model")
         T = num_tasks or (2 if d.kind == "mmoe" else d.num_tasks)
-        params = multigate_parameters(width, T, num_classes or 1, family=c.family, num_experts=c.num_experts,
+        E = c.num_experts  # CGC / PLE: each task's own experts and the shared ones, on every level
+        if c.family in ("cgc", "ple"):
+            E = (T * c.num_task_experts + c.num_shared_experts) * (c.num_levels if c.family == "ple" else 1)
+        family = "shared_bottom" if c.family == "shared_bottom" else "multigate"
+        params = multigate_parameters(width, T, num_classes or 1, family=family, num_experts=E,
                                       d_expert=c.d_expert, d_hidden=c.d_hidden, gate=c.gate, k=c.k,
                                       per_example=c.per_example, tower_hidden=c.tower_hidden)
-        per_example = (c.num_experts * ((c.d_hidden or c.d_expert) * 3 + c.d_expert * 2) + width
-                       + T * (c.num_experts * 4 + c.tower_hidden * 3)) * F32
+        per_example = (E * ((c.d_hidden or c.d_expert) * 3 + c.d_expert * 2) + width
+                       + T * (E * 4 + c.tower_hidden * 3)) * F32
     activations = per_example * max(B, 512 // 4)
     total = params * F32 * 7 + activations + data
     return total, (f"{_number(params)} parameters, a batch of {B} ({_human(activations)} of activations), "
