@@ -42,8 +42,11 @@ def array_module(*arrays):
     return np
 
 
-def _as_array(data, dtype=None):
-    """Wrap `data` as an array: float32 by default, float64 kept, integer/bool kept (indices, masks)."""
+def _as_array(data, dtype=None, copy=True):
+    """Wrap `data` as an array: float32 by default, float64 kept, integer/bool kept (indices, masks).
+
+    A float32 array given by the user is copied (a Tensor owns its data: the optimizer updates it in place);
+    an op's fresh result is wrapped as it is (copy=False), which saves a full copy of every op output."""
     if isinstance(data, Tensor):
         data = data.data
     xp = array_module(data)
@@ -52,7 +55,7 @@ def _as_array(data, dtype=None):
     arr = xp.asarray(data)
     python_value = not hasattr(data, "dtype")  # a Python float or list defaults to float32 too
     if arr.dtype.kind == "f" and (arr.dtype != np.float64 or python_value):
-        arr = arr.astype(np.float32)  # float16/float32 -> float32; float64 is kept for gradient checks
+        arr = arr.astype(np.float32, copy=copy)  # float16/float32 -> float32; float64 is kept for gradient checks
     elif arr.dtype.kind not in "fbiu":
         raise TypeError(f"Tensor: unsupported dtype {arr.dtype}; give a float, integer or bool array")
     return arr
@@ -85,8 +88,8 @@ class Tensor:
 
     __array_priority__ = 100  # so that `ndarray * Tensor` calls Tensor.__rmul__
 
-    def __init__(self, data, requires_grad=False, dtype=None, _parents=(), _op=""):
-        self.data = _as_array(data, dtype)
+    def __init__(self, data, requires_grad=False, dtype=None, _parents=(), _op="", _fresh=False):
+        self.data = _as_array(data, dtype, copy=not _fresh)  # _fresh: an op's own result, wrapped without a copy
         if requires_grad and self.data.dtype.kind != "f":
             raise TypeError(f"Tensor: only float tensors can require grad, got dtype {self.data.dtype}")
         self.requires_grad = bool(requires_grad)
@@ -136,10 +139,10 @@ class Tensor:
         """The output of an op. It joins the graph only when grad is on and some input needs a gradient."""
         parents = tuple(p for p in parents if p.requires_grad)
         if _grad_enabled and parents:
-            out = Tensor(data, _parents=parents, _op=op)
+            out = Tensor(data, _parents=parents, _op=op, _fresh=True)
             out.requires_grad = True
             return out
-        return Tensor(data)
+        return Tensor(data, _fresh=True)
 
     def _accumulate(self, grad):
         if grad.dtype != self.dtype:  # e.g. a float64 constant met a float32 tensor
@@ -526,10 +529,21 @@ def _check_index(index):
     return tuple(clean) if isinstance(index, tuple) else clean[0]
 
 
+def _is_basic(index):
+    """True for basic indexing (ints, slices, Ellipsis, None): it selects every element at most once."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(item is None or item is Ellipsis or isinstance(item, (slice, numbers.Integral)) for item in items)
+
+
 def _scatter_add(target, index, values):
-    """target[index] += values, summing repeated indices (np.add.at; cupyx.scatter_add on the GPU)."""
+    """target[index] += values, summing repeated indices (np.add.at; cupyx.scatter_add on the GPU).
+
+    Basic indices (e.g. qkv[0], x[:, 1:]) cannot repeat an element, so there a plain add into the view does it
+    (~15x faster than np.add.at); one integer array into axis 0 (embeddings) is summed by sorting."""
     xp = array_module(target)
-    if xp is np and isinstance(index, np.ndarray) and index.dtype.kind in "iu":
+    if _is_basic(index):
+        target[index] += values
+    elif xp is np and isinstance(index, np.ndarray) and index.dtype.kind in "iu":
         _scatter_add_rows(target, index, values)
     elif xp is np:
         np.add.at(target, index, values)
