@@ -189,6 +189,7 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     E, d, f = w1.shape
     d_out = w2.shape[2]
     g = np.empty_like(h)  # scratch: act(h), then dh
+    slope = np.empty_like(h)  # scratch: act'(h), computed with act(h) in one pass
     dxs = np.empty_like(xs) if offsets[0] == 0 and offsets[-1] == xs.shape[0] else np.zeros_like(xs)
     dw1, db1 = np.zeros((E, d, f), dtype=work), np.zeros((E, f), dtype=work)
     dw2, db2 = np.zeros((E, f, d_out), dtype=work), np.zeros((E, d_out), dtype=work)
@@ -197,7 +198,7 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     sw1, sb1 = np.empty((n, d, f), dtype=work), np.empty((n, f), dtype=work)
     sw2, sb2 = np.empty((n, f, d_out), dtype=work), np.empty((n, d_out), dtype=work)
     with _blas.limit(limits=1, user_api="blas"):
-        _ffn.ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, dxs, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
+        _ffn.ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, slope, dxs, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
     if n:
         _ffn.reduce_slots(slot_start, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
     return (dxs.astype(x_dtype, copy=False), *(a.astype(w_dtype, copy=False) for a in (dw1, db1, dw2, db2)))
