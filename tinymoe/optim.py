@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .tensor import array_module
 
 
@@ -167,7 +169,8 @@ def _squared_norm(g) -> float:
     """Σ g², as a float: a dot product in g's dtype, redone in float64 when float32 overflowed or underflowed."""
     xp = array_module(g)
     flat = g.reshape(-1)
-    sq = float(xp.dot(flat, flat))
+    with np.errstate(over="ignore", under="ignore"):  # an overflow is caught below and redone in float64
+        sq = float(xp.dot(flat, flat))
     if g.dtype == xp.float64 or 1e-30 < sq < 1e30:
         return sq
     if sq == 0.0 and not xp.any(flat):

@@ -44,11 +44,11 @@ import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba's np.dot cal
 from threadpoolctl import ThreadpoolController
 
 from ...activations import get_activation
-from . import _ffn, _routing
+from . import _ffn, _optim, _routing
 from ._jit import cache_enabled
 
 __all__ = ["capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
-           "combine_backward", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
+           "combine_backward", "adam_step", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
 
 TILES_PER_THREAD = 2  # an expert with more than R / (this × threads) rows is cut into tiles of that many rows
 MIN_TILE_ROWS = 128  # ... but never into tiles smaller than this (GEMM efficiency); tests lower it
@@ -204,6 +204,24 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     return (dxs.astype(x_dtype, copy=False), *(a.astype(w_dtype, copy=False) for a in (dw1, db1, dw2, db2)))
 
 
+# ---------------------------------------------------------------------------------------------------- optimizer
+def adam_step(p, g, m, v, b1, b2, eps, step_size, inv_root_bc2, decay) -> bool:
+    """One fused in-place Adam(W) step on C-contiguous float32/float64 arrays of one shape and dtype:
+
+        m ← β₁m + (1 − β₁)g,  v ← β₂v + (1 − β₂)g²,  p ← decay·p − step_size·m / (√v·inv_root_bc2 + ε)
+
+    (`tinymoe.optim.Adam` passes step_size = lr/(1 − β₁ᵗ), inv_root_bc2 = 1/√(1 − β₂ᵗ), decay = 1 − lr·wd.)
+    Returns False, touching nothing, for arrays it does not take; the caller then runs the NumPy form."""
+    arrays = (p, g, m, v)
+    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == p.dtype and a.shape == p.shape
+               for a in arrays) or p.dtype not in (np.float32, np.float64) or not p.flags.writeable:
+        return False
+    p, g, m, v = (a.reshape(-1) for a in arrays)
+    kernel = _optim.adam_parallel if p.shape[0] >= _optim.PARALLEL_MIN else _optim.adam_serial
+    kernel(p, g, m, v, float(b1), float(b2), float(eps), float(step_size), float(inv_root_bc2), float(decay))
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------- session
 def session():
     """Context for a whole training run on this backend: the process's NumPy BLAS pinned to one thread.
@@ -243,6 +261,8 @@ def warmup():
             out, h = expert_ffn(xs, offsets, w1, b1, w2, b2)
             expert_ffn_backward(out, xs, h, offsets, w1, w2)
             combine_backward(combine(out, weights, inverse), out, weights, inverse)
+            for kernel in (_optim.adam_serial, _optim.adam_parallel):
+                kernel(*(np.zeros(4, dtype) for _ in range(4)), 0.9, 0.999, 1e-8, 1e-3, 1.0, 1.0)
     finally:
         MIN_TILE_ROWS = saved
     _warm = True
