@@ -27,6 +27,11 @@ measured 1.3-2.6× slower than the dense layer, and which measured 1.5-14× slow
 workers busy-wait after each GEMM, stealing the cores from numba's OpenMP threads. An expert cut into several
 tiles gets its weight gradients as partial sums, added in a fixed order (deterministic for a given P).
 
+Threads under load: numba's OpenMP workers are told to sleep when idle (OMP_WAIT_POLICY=PASSIVE, set on import
+unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT). libgomp's default spins after every parallel region; on a
+machine where other processes want the cores, a spinning worker holds a core the other worker needs to finish the
+next region, and a training step made of many short regions ran 25x slower than with sleeping workers.
+
 Compilation: kernels are compiled on first use (~15-30 s for all of them, both dtypes) and cached on disk (numba
 `cache=True`, in __pycache__ or NUMBA_CACHE_DIR; a warm start loads them in ~0.5 s). Set TINYMOE_NUMBA_CACHE=0 to
 turn the disk cache off (read-only installs: every process then compiles). `warmup()` compiles (or loads) every
@@ -38,14 +43,23 @@ Floats are computed in float32 or float64 (other float dtypes in float64, return
 """
 from __future__ import annotations
 
-import numba
-import numpy as np
+import os
+
+# Idle OpenMP workers sleep instead of spinning (set before numba first starts its OpenMP pool; a user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins). With the default spin, a step whose kernels are many short parallel
+# regions collapses whenever another process wants the cores: the demo step measured 451 ms against 17 ms with
+# PASSIVE on a 2-core machine at load 6, and 33 ms single-threaded. See "Threads" in the docstring above.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba's np.dot calls before threadpoolctl looks)
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import ThreadpoolController  # noqa: E402
 
 from ...activations import get_activation
-from . import _ffn, _optim, _routing
-from ._jit import cache_enabled
+from . import _ffn, _optim, _routing  # noqa: E402
+from ._jit import cache_enabled  # noqa: E402
 
 __all__ = ["capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
            "combine_backward", "adam_step", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
