@@ -85,7 +85,7 @@ def build_model(cfg: RunConfig, train):
 def run_backend(name):
     """`auto`: numba when it is installed, else the NumPy reference. Yields the backend's name."""
     if name == "auto":
-        name = "numba" if "numba" in backends.available() else "numpy"
+        name = backends.auto()
     with backends.use_backend(name):
         yield name
 

@@ -19,7 +19,9 @@ No atomics and sums in a fixed order: the same input gives bitwise the same outp
 
 Thread choice for the expert GEMMs (P = numba.get_num_threads()): always `prange` over the P threads with BLAS
 pinned to one thread (threadpoolctl), never BLAS threads under or beside numba's pool. The work is cut into tiles:
-an expert's rows, where an expert with more than ⌈R / (TILES_PER_THREAD·P)⌉ rows (TILES_PER_THREAD = 2; never less
+an expert's rows, where an expert with more than ⌈R / (TILES_PER_THREAD·P)⌉ rows (PARALLEL_MIN_ELEMENTS = 1 << 16  # gather / combine on fewer floats than this run on one thread
+PARALLEL_MIN_FLOPS = 1 << 24  # an expert FFN call of fewer FLOPs than this runs on one thread
+TILES_PER_THREAD = 2; never less
 than MIN_TILE_ROWS = 128) is cut into row tiles of that size; the tiles are packed onto the threads longest first
 (LPT). So many experts run in parallel, one per thread at a time, and a few large experts (E < 2P, or one expert
 holding most rows) are split across the threads instead of run in turn with multi-threaded BLAS — which PERF.md
@@ -43,6 +45,7 @@ Floats are computed in float32 or float64 (other float dtypes in float64, return
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Idle OpenMP workers sleep instead of spinning (set before numba first starts its OpenMP pool; a user's own
@@ -64,6 +67,8 @@ from ._jit import cache_enabled  # noqa: E402
 __all__ = ["capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
            "combine_backward", "adam_step", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
 
+PARALLEL_MIN_ELEMENTS = 1 << 16  # gather / combine on fewer floats than this run on one thread
+PARALLEL_MIN_FLOPS = 1 << 24  # an expert FFN call of fewer FLOPs than this runs on one thread
 TILES_PER_THREAD = 2  # an expert with more than R / (this × threads) rows is cut into tiles of that many rows
 MIN_TILE_ROWS = 128  # ... but never into tiles smaller than this (GEMM efficiency); tests lower it
 _blas = ThreadpoolController()
@@ -82,6 +87,22 @@ def _work_dtype(dtype):
 
 def _floats(a, dtype):
     return np.ascontiguousarray(a, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _threads_for(size, threshold):
+    """Run the kernels inside on one thread when `size` < `threshold`: waking the other workers for a parallel
+    region costs tens of microseconds on a quiet machine and milliseconds on a busy one, more than small work
+    gains (a d=16, 4-expert layer step took 3.2 ms on numba against 0.7 ms on numpy before this)."""
+    threads = numba.get_num_threads()
+    if size >= threshold or threads == 1:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _bools(a, shape):
@@ -120,7 +141,8 @@ def gather(x, order, k):
     if x.dtype not in (np.float32, np.float64):
         return x[order // k]  # other dtypes: plain NumPy indexing
     xs = np.empty((order.shape[0], x.shape[1]), dtype=x.dtype)
-    _routing.gather_kernel(x, order, int(k), xs)
+    with _threads_for(xs.size, PARALLEL_MIN_ELEMENTS):
+        _routing.gather_kernel(x, order, int(k), xs)
     return xs
 
 
@@ -129,7 +151,8 @@ def gather_backward(dxs, inverse, k, num_tokens):
     dtype = np.asarray(dxs).dtype
     dxs = _floats(dxs, _work_dtype(dtype))
     dx = np.empty((int(num_tokens), dxs.shape[1]), dtype=dxs.dtype)
-    _routing.gather_backward_kernel(dxs, _ints(inverse), int(k), dx)
+    with _threads_for(dxs.size, PARALLEL_MIN_ELEMENTS):
+        _routing.gather_backward_kernel(dxs, _ints(inverse), int(k), dx)
     return dx.astype(dtype, copy=False)
 
 
@@ -139,7 +162,8 @@ def combine(out, weights, inverse):
     work = _work_dtype(dtype)
     out, weights = _floats(out, work), _floats(weights, work)
     y = np.empty((weights.shape[0], out.shape[1]), dtype=work)
-    _routing.combine_kernel(out, weights, _ints(inverse), y)
+    with _threads_for(out.size, PARALLEL_MIN_ELEMENTS):
+        _routing.combine_kernel(out, weights, _ints(inverse), y)
     return y.astype(dtype, copy=False)
 
 
@@ -151,7 +175,8 @@ def combine_backward(dy, out, weights, inverse):
     claimed = np.count_nonzero(inverse >= 0) == out.shape[0]  # a plan from route: every row claimed once
     dout = np.empty_like(out) if claimed else np.zeros_like(out)
     dweights = np.zeros_like(weights)
-    _routing.combine_backward_kernel(dy, out, weights, inverse, dout, dweights)
+    with _threads_for(out.size, PARALLEL_MIN_ELEMENTS):
+        _routing.combine_backward_kernel(dy, out, weights, inverse, dout, dweights)
     return dout.astype(out_dtype, copy=False), dweights.astype(w_dtype, copy=False)
 
 
@@ -184,9 +209,10 @@ def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
     h = np.empty((R, f), dtype=work)
     a = np.empty((R, f), dtype=work)  # act(h): scratch
     out = np.empty((R, d_out), dtype=work)
-    tiles, bins, _ = _plan(offsets)
-    with _blas.limit(limits=1, user_api="blas"):  # BLAS threads inside prange would oversubscribe
-        _ffn.ffn_forward(xs, w1, b1, w2, b2, code, tiles, bins, h, a, out)
+    with _threads_for(4 * R * w1.shape[1] * f, PARALLEL_MIN_FLOPS):
+        tiles, bins, _ = _plan(offsets)
+        with _blas.limit(limits=1, user_api="blas"):  # BLAS threads inside prange would oversubscribe
+            _ffn.ffn_forward(xs, w1, b1, w2, b2, code, tiles, bins, h, a, out)
     return out.astype(dtype, copy=False), h.astype(dtype, copy=False)
 
 
@@ -207,14 +233,16 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     dxs = np.empty_like(xs) if offsets[0] == 0 and offsets[-1] == xs.shape[0] else np.zeros_like(xs)
     dw1, db1 = np.zeros((E, d, f), dtype=work), np.zeros((E, f), dtype=work)
     dw2, db2 = np.zeros((E, f, d_out), dtype=work), np.zeros((E, d_out), dtype=work)
-    tiles, bins, slot_start = _plan(offsets)
-    n = int(slot_start[-1])  # partial weight gradients of experts cut into several tiles
-    sw1, sb1 = np.empty((n, d, f), dtype=work), np.empty((n, f), dtype=work)
-    sw2, sb2 = np.empty((n, f, d_out), dtype=work), np.empty((n, d_out), dtype=work)
-    with _blas.limit(limits=1, user_api="blas"):
-        _ffn.ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, slope, dxs, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
-    if n:
-        _ffn.reduce_slots(slot_start, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
+    with _threads_for(4 * xs.shape[0] * d * f, PARALLEL_MIN_FLOPS):
+        tiles, bins, slot_start = _plan(offsets)
+        n = int(slot_start[-1])  # partial weight gradients of experts cut into several tiles
+        sw1, sb1 = np.empty((n, d, f), dtype=work), np.empty((n, f), dtype=work)
+        sw2, sb2 = np.empty((n, f, d_out), dtype=work), np.empty((n, d_out), dtype=work)
+        with _blas.limit(limits=1, user_api="blas"):
+            _ffn.ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, slope, dxs, dw1, db1, dw2, db2, sw1, sb1,
+                              sw2, sb2)
+        if n:
+            _ffn.reduce_slots(slot_start, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
     return (dxs.astype(x_dtype, copy=False), *(a.astype(w_dtype, copy=False) for a in (dw1, db1, dw2, db2)))
 
 
@@ -254,7 +282,7 @@ _warm = False
 
 def warmup():
     """Compile (or load from the disk cache) every kernel for float32 and float64 on tiny inputs; runs once."""
-    global _warm, MIN_TILE_ROWS
+    global _warm, MIN_TILE_ROWS, PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS
     if _warm:
         return
     rng = np.random.default_rng(0)
@@ -263,7 +291,8 @@ def warmup():
     order, offsets, inverse = route(expert_idx, E)
     capacity_keep(expert_idx, E, 3)
     capacity_keep(expert_idx, E, 3, np.ones((T, k)))
-    saved, MIN_TILE_ROWS = MIN_TILE_ROWS, 1  # cut experts into tiles: compiles the partial-gradient reduction too
+    saved = MIN_TILE_ROWS, PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS
+    MIN_TILE_ROWS, PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS = 1, 0, 0  # tiles on all threads: compiles reduce_slots
     try:
         for dtype in (np.float32, np.float64):
             x = rng.standard_normal((T, d)).astype(dtype)
@@ -278,5 +307,5 @@ def warmup():
             for kernel in (_optim.adam_serial, _optim.adam_parallel):
                 kernel(*(np.zeros(4, dtype) for _ in range(4)), 0.9, 0.999, 1e-8, 1e-3, 1.0, 1.0)
     finally:
-        MIN_TILE_ROWS = saved
+        MIN_TILE_ROWS, PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS = saved
     _warm = True
