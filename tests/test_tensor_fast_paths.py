@@ -74,3 +74,19 @@ def test_user_arrays_are_copied_and_op_results_are_not():
     assert Tensor(np.ones(2, np.float16)).dtype == np.float32  # float16 still becomes float32
     assert Tensor([1.0, 2.0]).dtype == np.float32
     assert Tensor(np.ones(2)).dtype == np.float64  # float64 kept (gradient checks)
+
+
+@given(shape=st.sampled_from([(5, 4), (3, 4, 2), (6,)]), seed=st.integers(0, 2**16), negative=st.booleans())
+def test_integer_array_tuple_backward_equals_add_at(shape, seed, negative):
+    """t[rows, idx] (the gates' pick) with repeats, negative ids and broadcasting: the sort-and-sum path."""
+    rng = np.random.default_rng(seed)
+    x = Tensor(rng.standard_normal(shape), requires_grad=True)
+    n_arrays = min(len(shape), 2)
+    index = tuple(rng.integers(-shape[i] if negative else 0, shape[i], (7, 1) if i == 0 else (1, 3))
+                  for i in range(n_arrays))
+    y = x[index]
+    g = rng.standard_normal(y.shape)
+    y.backward(g)
+    want = np.zeros(shape)
+    np.add.at(want, index, g)
+    np.testing.assert_allclose(x.grad, want, rtol=1e-12, atol=1e-12)

@@ -539,18 +539,30 @@ def _scatter_add(target, index, values):
     """target[index] += values, summing repeated indices (np.add.at; cupyx.scatter_add on the GPU).
 
     Basic indices (e.g. qkv[0], x[:, 1:]) cannot repeat an element, so there a plain add into the view does it
-    (~15x faster than np.add.at); one integer array into axis 0 (embeddings) is summed by sorting."""
+    (~15x faster than np.add.at). Integer arrays into the leading axes (embeddings, t[rows, idx] in the gates)
+    become row ids of a flattened view, summed by sorting; np.add.at is left for mixed and boolean indices."""
     xp = array_module(target)
     if _is_basic(index):
         target[index] += values
     elif xp is np and isinstance(index, np.ndarray) and index.dtype.kind in "iu":
         _scatter_add_rows(target, index, values)
+    elif xp is np and _integer_arrays(index) and len(index) <= target.ndim and target.flags.c_contiguous:
+        arrays = index
+        lead = target.shape[: len(arrays)]
+        arrays = [np.where(a < 0, a + n, a) for a, n in zip(np.broadcast_arrays(*arrays), lead)]
+        _scatter_add_rows(target.reshape(-1, *target.shape[len(lead):]), np.ravel_multi_index(arrays, lead), values)
     elif xp is np:
         np.add.at(target, index, values)
     else:
         import cupyx
 
         cupyx.scatter_add(target, index, values)
+
+
+def _integer_arrays(index):
+    """True when `index` is a tuple of integer arrays (no slices, no booleans)."""
+    return isinstance(index, tuple) and bool(index) and all(
+        isinstance(a, np.ndarray) and a.dtype.kind in "iu" for a in index)
 
 
 def _scatter_add_rows(target, index, values):
