@@ -423,15 +423,11 @@ class Tensor:
             np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except ValueError:
             raise ValueError(f"matmul: batch dimensions of {self.shape} and {other.shape} do not broadcast") from None
-        out = a._make(a.data @ b.data, (a, b), "matmul")
-
-        def _backward(g):
-            if a.requires_grad:
-                a._accumulate(unbroadcast(g @ b.data.swapaxes(-1, -2), a.shape))
-            if b.requires_grad:
-                b._accumulate(unbroadcast(a.data.swapaxes(-1, -2) @ g, b.shape))
-
-        out._backward = _backward
+        if b.ndim == 2 and a.ndim > 2:
+            out = _rows_matmul(a, b)
+        else:
+            out = a._make(a.data @ b.data, (a, b), "matmul")
+            out._backward = _matmul_backward(a, b)
         if self.ndim == 1:
             out = out.reshape(out.shape[:-2] + out.shape[-1:])
         if other.ndim == 1:
@@ -440,6 +436,37 @@ class Tensor:
 
     def __rmatmul__(self, other):
         return self._lift(other) @ self
+
+
+def _matmul_backward(a, b):
+    """The adjoint of a @ b (any batch shapes): da = g·bᵀ, db = aᵀ·g, each summed over broadcast batch axes."""
+
+    def _backward(g):
+        if a.requires_grad:
+            a._accumulate(unbroadcast(g @ b.data.swapaxes(-1, -2), a.shape))
+        if b.requires_grad:
+            b._accumulate(unbroadcast(a.data.swapaxes(-1, -2) @ g, b.shape))
+
+    return _backward
+
+
+def _rows_matmul(a, b):
+    """(..., k) @ (k, n) as one GEMM on the flattened rows (..., k) -> (N, k), and so its adjoint: db = a2ᵀ·g2 is
+    one (k, N)·(N, n) product, where the batched form made one small product per leading index and then summed
+    a (batch, k, n) temporary over the batch."""
+    a2 = a.data.reshape(-1, a.shape[-1])  # (N, k); a copy only when a is not contiguous (e.g. permuted)
+    n = b.shape[-1]
+    out = a._make((a2 @ b.data).reshape(a.shape[:-1] + (n,)), (a, b), "matmul")
+
+    def _backward(g):
+        g2 = g.reshape(-1, n)  # (N, n)
+        if a.requires_grad:
+            a._accumulate((g2 @ b.data.T).reshape(a.shape))
+        if b.requires_grad:
+            b._accumulate(a2.T @ g2)
+
+    out._backward = _backward
+    return out
 
 
 # ---- functions over several tensors ---------------------------------------------------------------------------
