@@ -16,7 +16,8 @@ round, a short pause between contenders so one runtime's spinning worker threads
 next starts); the figure is the median over rounds, so a change of machine load shifts every contender alike.
 The numba contender runs inside `tm.backends.session()` as fit does. Every process uses --threads threads
 (BLAS, numba, torch). Also reported per tinymoe contender: the expert FFN (forward + backward primitives) against
-the bound its FLOPs allow at this process's sgemm rate, and the optimizer (clip + AdamW) time.
+the bound its FLOPs allow at this process's sgemm rate (a (2048, 512)·(512, 2048) GEMM timed in every round), and
+the optimizer (clip + AdamW) time of every contender.
 
 Peak memory (--memory, on by default): each contender runs a few steps in a fresh subprocess; the number is the
 growth of the peak resident set over the resident set after building the model (MB).
@@ -238,26 +239,27 @@ def make_runner(contender, name):
     return TorchRunner(name) if contender == "torch" else TinymoeRunner(name, contender)
 
 
-def sgemm_rate(threads):
-    """FLOP/s of a (2048, 512) x (512, 2048) float32 GEMM at `threads` BLAS threads (best of 5)."""
+def sgemm_rate(threads, tries=5):
+    """FLOP/s of a (2048, 512) x (512, 2048) float32 GEMM at `threads` BLAS threads (best of `tries`)."""
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2048, 512), np.float32), rng.standard_normal((512, 2048), np.float32)
     best = float("inf")
     with threadpool_limits(threads, user_api="blas"):
-        for _ in range(5):
+        for _ in range(tries):
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
     return 2.0 * 2048 * 512 * 2048 / best
 
 
-def time_config(name, contenders, repeat, warmup, settle, log):
+def time_config(name, contenders, repeat, warmup, settle, threads):
     runners = {c: make_runner(c, name) for c in contenders}
     data = batches(name, warmup + repeat)
     first = {c: r.step(*data[0]) for c, r in runners.items()}  # compiles numba kernels, checks the twin
     times = {c: [] for c in contenders}
+    rates = []  # the sgemm rate, measured in every round beside the contenders (the machine's load moves)
     for i, (tokens, targets) in enumerate(data[1:]):
         for c, r in runners.items():
             time.sleep(settle)
@@ -265,8 +267,10 @@ def time_config(name, contenders, repeat, warmup, settle, log):
             r.step(tokens, targets)
             if i >= warmup - 1:
                 times[c].append(time.perf_counter() - t0)
+        time.sleep(settle)
+        rates.append(sgemm_rate(threads, tries=3))
     row = {"config": name, **CONFIGS[name], "first_loss": first, "seconds": times,
-           "median_s": {c: statistics.median(t) for c, t in times.items()}}
+           "median_s": {c: statistics.median(t) for c, t in times.items()}, "sgemm_flops": statistics.median(rates)}
     params = {c: (r.num_parameters() if c == "torch" else r.model.num_parameters()) for c, r in runners.items()}
     row["parameters"] = params
     if "torch" in runners and len(first) > 1:
@@ -307,7 +311,7 @@ def peak_memory(contender, name, threads):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def format_rows(rows, rate) -> str:
+def format_rows(rows) -> str:
     lines = [f"{'config':<8}{'numpy ms':>10}{'numba ms':>10}{'torch ms':>10}{'np/torch':>10}{'nb/torch':>10}"
              f"{'nb/np':>8}{'ffn/bound np,nb':>17}{'opt ms np/nb/torch':>22}{'peak MB np/nb/torch':>22}"]
     for r in rows:
@@ -319,7 +323,7 @@ def format_rows(rows, rate) -> str:
         def ratio(a, b):
             return f"{m[a] / m[b]:.2f}" if a in m and b in m else "-"
 
-        bound = ",".join(f"{r['expert_ffn_s'][c] / (r['expert_ffn_flops'][c] / rate):.2f}"
+        bound = ",".join(f"{r['expert_ffn_s'][c] / (r['expert_ffn_flops'][c] / r['sgemm_flops']):.2f}"
                          for c in ("numpy", "numba") if c in r.get("expert_ffn_s", {}))
         opt = "/".join(f"{1e3 * r['optimizer_s'][c]:.1f}" if c in r["optimizer_s"] else "-" for c in CONTENDERS)
         mem = r.get("peak_mb", {})
@@ -335,7 +339,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=None, help="timed steps per contender (default 15/5/3 by config)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--settle", type=float, default=0.1, help="pause (s) before each contender's step")
+    ap.add_argument("--settle", type=float, default=0.3, help="pause (s) before each contender's step")
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
@@ -356,16 +360,17 @@ def main(argv=None):
     rows = []
     for name in args.configs:
         repeat = args.repeat or {"demo": 15, "medium": 5, "big": 3}[name]
-        row = time_config(name, contenders, repeat, args.warmup, args.settle, log)
+        row = time_config(name, contenders, repeat, args.warmup, args.settle, args.threads)
         if args.memory:
             row["peak_mb"] = {c: peak_memory(c, name, args.threads) for c in contenders}
         rows.append(row)
         log(f"{name}: " + ", ".join(f"{c} {1e3 * t:.1f} ms" for c, t in row["median_s"].items()))
     with open("/proc/loadavg") as fh:
         load_after = fh.read().split()[:3]
-    log(f"\nthreads {args.threads}, sgemm {rate / 1e9:.1f} GFLOP/s, load before {' '.join(load_before)}, "
-        f"after {' '.join(load_after)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    log(format_rows(rows, rate))
+    log(f"\nthreads {args.threads}, sgemm {rate / 1e9:.1f} GFLOP/s at the start (ffn/bound uses each config's "
+        f"rounds' median), load before {' '.join(load_before)}, after {' '.join(load_after)}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    log(format_rows(rows))
     result = {"rows": rows, "threads": args.threads, "sgemm_flops": rate, "loadavg_before": load_before,
               "loadavg_after": load_after, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.json:
