@@ -9,10 +9,13 @@ Design (the one measured in /work/shared/design/PERF.md, "Designs known to get t
 2. gather: prange over rows, xs[r] = x[order[r] // k]; its adjoint sums the k rows of each token (prange over
    tokens, no atomics).
 3. expert FFN: per-expert BLAS GEMMs (SciPy's sgemm/dgemm through Numba's np.dot) on contiguous row slices
-   `buf[s:t]` of the expert-sorted buffers, bias + activation in a jitted loop; backward recomputes the activation
-   from the saved pre-activation h. Experts without rows get zero weight gradients. The activations (relu, gelu
-   (tanh form), silu) are computed in float64 with a vectorisable exp (see _ffn.py), which keeps
-   them a small part of the layer; tinymoe.activations' registry decides which names are accepted.
+   `buf[s:t]` of the expert-sorted buffers, bias + activation in a jitted loop; backward recomputes act(h) and
+   act'(h) in one pass (one exp per element) from the saved pre-activation h. Experts without rows get zero weight
+   gradients. The activations (relu, gelu (tanh form), silu) are computed in the arrays' precision (float32 in
+   float32, ~1 ns per element) with a vectorisable exp (see _ffn.py), which keeps them a small part of the layer;
+   tinymoe.activations' registry decides which names are accepted.
+   Small calls run on one thread (PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS): below those sizes waking a second
+   worker costs more than it saves.
 4. combine: prange over tokens, y[t] = Σ_j w[t, j]·out[inverse[t·k + j]]; its adjoint computes dout and dweights
    in one pass.
 No atomics and sums in a fixed order: the same input gives bitwise the same output. No fastmath.
