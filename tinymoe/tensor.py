@@ -454,12 +454,12 @@ def _rows_matmul(a, b):
     """(..., k) @ (k, n) as one GEMM on the flattened rows (..., k) -> (N, k), and so its adjoint: db = a2ᵀ·g2 is
     one (k, N)·(N, n) product, where the batched form made one small product per leading index and then summed
     a (batch, k, n) temporary over the batch."""
-    a2 = a.data.reshape(-1, a.shape[-1])  # (N, k); a copy only when a is not contiguous (e.g. permuted)
-    n = b.shape[-1]
+    rows, n = int(np.prod(a.shape[:-1])), b.shape[-1]
+    a2 = a.data.reshape(rows, a.shape[-1])  # (N, k); a copy only when a is not contiguous (e.g. permuted)
     out = a._make((a2 @ b.data).reshape(a.shape[:-1] + (n,)), (a, b), "matmul")
 
     def _backward(g):
-        g2 = g.reshape(-1, n)  # (N, n)
+        g2 = g.reshape(rows, n)  # (N, n)
         if a.requires_grad:
             a._accumulate((g2 @ b.data.T).reshape(a.shape))
         if b.requires_grad:
