@@ -631,8 +631,6 @@ def build_parser():
                         help="time an idiomatic PyTorch MoE layer too (default: when torch imports)")
     parser.add_argument("--layer", action=argparse.BooleanOptionalAction, default=False,
                         help="also time the whole tm.nn.MoE layer against tm.nn.FeedForward")
-    parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=False,
-                        help="also time whole MoETransformer training steps per backend (benchmarks/train_step.py)")
     return parser
 
 
@@ -672,21 +670,11 @@ def main(argv=None) -> int:
                                 torch_on=torch_on, layer=args.layer, threads=threads, copy_bw=copy_bw, machine=machine,
                                 settle=args.settle)
             _log(f"  shape T,d,f,E,k={shape}: {time.perf_counter() - t0:.1f} s")
-        train_rows = []
-        if args.train and modules:  # inside the BLAS cap, like every other timing
-            from benchmarks import train_step
-
-            train_rows = [{"kind": "train", **r} for r in train_step.run(list(modules), log=lambda *a: None)]
 
     machine["loadavg_end"] = _loadavg()  # the same dict sits in every row
     report = format_table(rows, skipped) + ("\n" + targets_summary(rows) if rows else "")
     to_stdout = args.json == "-"
     print(report, file=sys.stderr if to_stdout else sys.stdout, flush=True)
-    if train_rows:
-        from benchmarks import train_step
-
-        print(train_step.format_rows(train_rows), file=sys.stderr if to_stdout else sys.stdout, flush=True)
-        rows += train_rows
     if args.json:
         records = rows + [dict(backend=name, skipped=why, machine=machine) for name, why in skipped.items()]
         text = json.dumps(records, indent=1, default=float)

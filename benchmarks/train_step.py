@@ -1,77 +1,387 @@
-"""End-to-end training speed per backend: `tinymoe bench --train`.
+"""A whole training step of MoETransformer: tinymoe (numpy and numba backends) against a PyTorch eager twin.
 
-The hot-path benchmark (benchmarks/moe_layer.py) times the MoE primitives alone; this one times whole optimizer steps of a
-MoETransformer (embeddings, attention, router, aux losses, autodiff, AdamW) on generated multi-task sequences, so
-it shows how much of a real step the backend accelerates. Each model is built once per backend from the same
-seed and run inside the backend's training session, as `fit` does (numba: NumPy's BLAS on one thread); a few
-warm-up steps (JIT compile) are not timed; the figure is the median step time.
+    python benchmarks/train_step.py                       # demo, medium and big configs
+    python benchmarks/train_step.py --configs demo medium --repeat 7 --json results.json
+    python benchmarks/train_step.py --no-torch --no-memory
 
-* `demo`:   the `tinymoe train` demo model (d_model 32, d_ff 64, 8 experts, top-2, 2 MoE blocks), batch 64 × 8
-  tokens — tiny matrices, so Python and the autodiff graph dominate.
-* `medium`: d_model 128, d_ff 512, 8 experts, top-2, 2 MoE blocks, batch 32 × 32 tokens = 256 rows per expert.
+A step is what `tinymoe.train.fit` runs: forward, cross-entropy + the weighted auxiliary losses (load balance,
+z-loss), backward, global-norm gradient clip (1.0), AdamW. The PyTorch twin has the same architecture (pre-norm
+blocks, the same attention reshapes, top-2 routing with a softmax over the chosen logits, experts run on their
+sorted rows, the same aux losses), the same parameter count and starts from the same weights; the script checks
+that both compute the same first loss. PyTorch is optional (never a tinymoe dependency): without it the torch
+columns are empty.
+
+Timing: the contenders hold their own model and optimizer and take steps in turn (round-robin, one step each per
+round, a short pause between contenders so one runtime's spinning worker threads have gone to sleep before the
+next starts); the figure is the median over rounds, so a change of machine load shifts every contender alike.
+The numba contender runs inside `tm.backends.session()` as fit does. Every process uses --threads threads
+(BLAS, numba, torch). Also reported per tinymoe contender: the expert FFN (forward + backward primitives) against
+the bound its FLOPs allow at this process's sgemm rate (a (2048, 512)·(512, 2048) GEMM timed in every round), and
+the optimizer (clip + AdamW) time of every contender.
+
+Peak memory (--memory, on by default): each contender runs a few steps in a fresh subprocess; the number is the
+growth of the peak resident set over the resident set after building the model (MB).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
 
-from tinymoe import backends
-from tinymoe.data import sequence_tasks
+import tinymoe as tm
+import tinymoe.functional as F
 from tinymoe.model import ModelConfig, MoETransformer
-from tinymoe.train import OptimConfig, make_optimizer, task_loss
+from tinymoe.optim import AdamW, clip_grad_norm
 
-TRAIN_SHAPES = {
-    "demo": dict(d_model=32, n_heads=4, d_ff=64, seq_len=8, batch=64),
-    "medium": dict(d_model=128, n_heads=4, d_ff=512, seq_len=32, batch=32),
+CONFIGS = {  # batch × seq_len tokens; every block is an MoE block
+    "demo": dict(d_model=32, n_heads=4, d_ff=64, num_experts=8, k=2, n_layers=2, batch=64, seq_len=8),
+    "medium": dict(d_model=256, n_heads=4, d_ff=1024, num_experts=8, k=2, n_layers=4, batch=32, seq_len=64),
+    "big": dict(d_model=512, n_heads=8, d_ff=2048, num_experts=16, k=2, n_layers=4, batch=16, seq_len=128),
 }
+VOCAB = 16
+LR, WEIGHT_DECAY, CLIP = 1e-3, 0.01, 1.0
+CONTENDERS = ("numpy", "numba", "torch")
 
 
-def time_training(backend, shape, steps=20, warmup=3, seed=0) -> float:
-    """Median seconds per optimizer step of `shape` (a key of TRAIN_SHAPES) on `backend`."""
-    s = TRAIN_SHAPES[shape]
-    data = sequence_tasks(["copy", "reverse", "sort", "reverse+increment"], s["batch"] * 4, s["seq_len"], 10,
-                          seed=seed)
-    config = ModelConfig(vocab_size=10, max_seq_len=s["seq_len"], d_model=s["d_model"], n_layers=2,
-                         n_heads=s["n_heads"], d_ff=s["d_ff"], num_experts=8, k=2, moe_every=1, router="add",
-                         num_tasks=data.num_tasks, task_embedding=True, seed=seed)
-    rng = np.random.default_rng(seed)
-    with backends.use_backend(backend), backends.session():  # the session fit() enters
-        model = MoETransformer(config)
-        opt = make_optimizer(model, OptimConfig(lr=1e-3))
-        times = []
-        for step in range(warmup + steps):
-            idx = rng.choice(len(data), s["batch"], replace=False)
+def model_config(name, seed=0) -> ModelConfig:
+    c = CONFIGS[name]
+    return ModelConfig(vocab_size=VOCAB, max_seq_len=c["seq_len"], d_model=c["d_model"], n_layers=c["n_layers"],
+                       n_heads=c["n_heads"], d_ff=c["d_ff"], num_experts=c["num_experts"], k=c["k"], moe_every=1,
+                       gate="top_k", router="token", seed=seed)
+
+
+def batches(name, count, seed=0):
+    """`count` (tokens, targets) batches of random ids, the same for every contender."""
+    c = CONFIGS[name]
+    rng = np.random.default_rng(seed + 1)
+    return [(rng.integers(0, VOCAB, (c["batch"], c["seq_len"])), rng.integers(0, VOCAB, (c["batch"], c["seq_len"])))
+            for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------------- tinymoe
+class FFNTimer:
+    """Wraps a backend's expert_ffn / expert_ffn_backward to add up their time (and count their FLOPs)."""
+
+    def __init__(self, module):
+        self.module, self.seconds, self.flops = module, 0.0, 0.0
+        self.original = (module.expert_ffn, module.expert_ffn_backward)
+
+    def __enter__(self):
+        fwd, bwd = self.original
+
+        def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
             t0 = time.perf_counter()
-            loss, _ = task_loss(model, data, idx)
-            total = loss + model.aux_loss()
-            opt.zero_grad()
+            out = fwd(xs, offsets, w1, b1, w2, b2, activation)
+            self.seconds += time.perf_counter() - t0
+            self.flops += 2.0 * xs.shape[0] * w1.shape[1] * w1.shape[2] * 2  # two GEMMs
+            return out
+
+        def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
+            t0 = time.perf_counter()
+            out = bwd(dout, xs, h, offsets, w1, w2, activation)
+            self.seconds += time.perf_counter() - t0
+            self.flops += 2.0 * xs.shape[0] * w1.shape[1] * w1.shape[2] * 4  # four GEMMs
+            return out
+
+        self.module.expert_ffn, self.module.expert_ffn_backward = expert_ffn, expert_ffn_backward
+        return self
+
+    def __exit__(self, *exc):
+        self.module.expert_ffn, self.module.expert_ffn_backward = self.original
+
+
+class TinymoeRunner:
+    def __init__(self, name, backend, seed=0):
+        self.backend = backend
+        with tm.use_backend(backend):
+            self.model = MoETransformer(model_config(name, seed))
+        self.opt = AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        self.ffn_seconds, self.ffn_flops, self.opt_seconds = [], [], []
+
+    def step(self, tokens, targets) -> float:
+        """One fit step; returns the loss."""
+        module = tm.backends.load(self.backend)
+        with tm.use_backend(self.backend), tm.backends.session(), FFNTimer(module) as ffn:  # the session fit enters
+            logits = self.model(tokens)
+            total = F.cross_entropy(logits, targets) + self.model.aux_loss()
+            self.opt.zero_grad()
             total.backward()
-            opt.step()
-            if step >= warmup:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            t0 = time.perf_counter()
+            clip_grad_norm(self.model.parameters(), CLIP)
+            self.opt.step()
+            self.opt_seconds.append(time.perf_counter() - t0)
+            loss = total.item()
+        self.ffn_seconds.append(ffn.seconds)
+        self.ffn_flops.append(ffn.flops)
+        return loss
 
 
-def run(names, steps=20, log=print) -> list[dict]:
-    """Time every shape on every backend in `names` (numpy first: the others' speedup is over it)."""
-    names = ["numpy", *[n for n in names if n != "numpy"]]
-    rows = []
-    for shape in TRAIN_SHAPES:
-        base = None
-        for name in names:
-            t = time_training(name, shape, steps)
-            base = t if name == "numpy" else base
-            rows.append({"shape": shape, "backend": name, "seconds_per_step": t,
-                         "speedup_vs_numpy": (base / t) if base else None})
-    log(format_rows(rows))
-    return rows
+# ---------------------------------------------------------------------------------------------------- torch twin
+class TorchRunner:
+    """The same model in PyTorch eager, from the tinymoe model's weights (same layouts: x @ W + b)."""
+
+    def __init__(self, name, seed=0):
+        import torch
+
+        self.torch = torch
+        source = MoETransformer(model_config(name, seed))
+        self.config = source.config
+        self.p = {n: torch.nn.Parameter(torch.from_numpy(p.data.copy())) for n, p in source.named_parameters()}
+        self.opt = torch.optim.AdamW(list(self.p.values()), lr=LR, weight_decay=WEIGHT_DECAY, eps=1e-8)
+        self.opt_seconds = []
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.p.values())
+
+    def _linear(self, x, prefix):
+        return x @ self.p[prefix + ".weight"] + self.p[prefix + ".bias"]
+
+    def _layer_norm(self, x, prefix):
+        return self.torch.nn.functional.layer_norm(x, x.shape[-1:], self.p[prefix + ".weight"],
+                                                   self.p[prefix + ".bias"], 1e-5)
+
+    def _attention(self, x, prefix):
+        B, T, d = x.shape
+        h = self.config.n_heads
+        qkv = self._linear(x, prefix + ".qkv").reshape(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = ((q @ k.transpose(-1, -2)) * (1.0 / np.sqrt(d // h))).softmax(-1)
+        return self._linear((att @ v).permute(0, 2, 1, 3).reshape(B, T, d), prefix + ".proj")
+
+    def _moe(self, x, prefix):
+        """Top-k routing, experts on their sorted rows, index_add_ back; returns (y, load_balance, z_loss)."""
+        torch, tf = self.torch, self.torch.nn.functional
+        E, k = self.config.num_experts, self.config.k
+        w1, b1 = self.p[prefix + ".experts.w1"], self.p[prefix + ".experts.b1"]
+        w2, b2 = self.p[prefix + ".experts.w2"], self.p[prefix + ".experts.b2"]
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        logits = self._linear(x, prefix + ".gate")  # (N, E)
+        probs = logits.softmax(-1)
+        top, idx = logits.topk(k, dim=-1)
+        weights = top.softmax(-1)  # (N, k)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E)
+        tok = order // k
+        xs = x[tok]
+        outs, s = [], 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                a = tf.gelu(torch.addmm(b1[e], xs[s:s + c], w1[e]), approximate="tanh")
+                outs.append(torch.addmm(b2[e], a, w2[e]))
+            s += c
+        out = torch.cat(outs) * weights.reshape(-1)[order, None]
+        y = torch.zeros_like(x).index_add_(0, tok, out)
+        f = counts.to(x.dtype) / flat.numel()
+        load_balance = (probs.mean(0) * f).sum() * E
+        z_loss = (torch.logsumexp(logits, -1) ** 2).mean()
+        return y.reshape(*lead, -1), load_balance, z_loss
+
+    def step(self, tokens, targets) -> float:
+        torch = self.torch
+        tokens, targets = torch.from_numpy(tokens), torch.from_numpy(targets)
+        T = tokens.shape[1]
+        x = self.p["tok_emb.weight"][tokens] + self.p["pos_emb.weight"][torch.arange(T)]
+        lbs, zs = [], []
+        for i in range(self.config.n_layers):
+            b = f"blocks.{i}"
+            x = x + self._attention(self._layer_norm(x, b + ".ln1"), b + ".attn")
+            y, lb, z = self._moe(self._layer_norm(x, b + ".ln2"), b + ".ffn")
+            x = x + y
+            lbs.append(lb)
+            zs.append(z)
+        logits = self._linear(self._layer_norm(x, "ln_f"), "head")
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        total = ce + 1e-2 * (sum(lbs) / len(lbs)) + 1e-3 * (sum(zs) / len(zs))
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        t0 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(list(self.p.values()), CLIP)
+        self.opt.step()
+        self.opt_seconds.append(time.perf_counter() - t0)
+        return total.item()
+
+
+# ---------------------------------------------------------------------------------------------------- harness
+def set_threads(threads):
+    """Cap every BLAS, numba's pool and torch's at `threads` for this process."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads, user_api="blas")
+    if "numba" in tm.backends.available():  # the backend first: it sets numba's OpenMP wait policy on import
+        tm.backends.load("numba")
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def have_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_runner(contender, name):
+    return TorchRunner(name) if contender == "torch" else TinymoeRunner(name, contender)
+
+
+def sgemm_rate(threads, tries=5):
+    """FLOP/s of a (2048, 512) x (512, 2048) float32 GEMM at `threads` BLAS threads (best of `tries`)."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2048, 512), np.float32), rng.standard_normal((512, 2048), np.float32)
+    best = float("inf")
+    with threadpool_limits(threads, user_api="blas"):
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * 2048 * 512 * 2048 / best
+
+
+def time_config(name, contenders, repeat, warmup, settle, threads):
+    runners = {c: make_runner(c, name) for c in contenders}
+    data = batches(name, warmup + repeat)
+    first = {c: r.step(*data[0]) for c, r in runners.items()}  # compiles numba kernels, checks the twin
+    times = {c: [] for c in contenders}
+    rates = []  # the sgemm rate, measured in every round beside the contenders (the machine's load moves)
+    for i, (tokens, targets) in enumerate(data[1:]):
+        for c, r in runners.items():
+            time.sleep(settle)
+            t0 = time.perf_counter()
+            r.step(tokens, targets)
+            if i >= warmup - 1:
+                times[c].append(time.perf_counter() - t0)
+        time.sleep(settle)
+        rates.append(sgemm_rate(threads, tries=3))
+    row = {"config": name, **CONFIGS[name], "first_loss": first, "seconds": times,
+           "median_s": {c: statistics.median(t) for c, t in times.items()}, "sgemm_flops": statistics.median(rates)}
+    params = {c: (r.num_parameters() if c == "torch" else r.model.num_parameters()) for c, r in runners.items()}
+    row["parameters"] = params
+    if "torch" in runners and len(first) > 1:
+        ref = first["torch"]
+        row["loss_rel_diff_vs_torch"] = {c: abs(v - ref) / abs(ref) for c, v in first.items() if c != "torch"}
+    skip = warmup
+    for c, r in runners.items():
+        opt = statistics.median(r.opt_seconds[skip:])
+        row.setdefault("optimizer_s", {})[c] = opt
+        if c != "torch":
+            row.setdefault("expert_ffn_s", {})[c] = statistics.median(r.ffn_seconds[skip:])
+            row.setdefault("expert_ffn_flops", {})[c] = r.ffn_flops[-1]
+    return row
+
+
+def memory_child(contender, name, threads, steps=3):
+    """Run in a subprocess: peak RSS growth over the RSS after building the model, in MB."""
+    import resource
+
+    set_threads(threads)
+    if contender == "numba":
+        tm.backends.load("numba").warmup()
+    runner = make_runner(contender, name)
+    data = batches(name, steps)
+    with open("/proc/self/statm") as fh:
+        rss0 = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    for tokens, targets in data:
+        runner.step(tokens, targets)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(peak - rss0, 0) / 2**20
+
+
+def peak_memory(contender, name, threads):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", contender, name, "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def format_rows(rows) -> str:
-    lines = [f"\n{'training step':<14} {'backend':<8} {'ms/step':>9} {'speedup over numpy':>19}"]
+    lines = [f"{'config':<8}{'numpy ms':>10}{'numba ms':>10}{'torch ms':>10}{'np/torch':>10}{'nb/torch':>10}"
+             f"{'nb/np':>8}{'ffn/bound np,nb':>17}{'opt ms np/nb/torch':>22}{'peak MB np/nb/torch':>22}"]
     for r in rows:
-        speed = f"{r['speedup_vs_numpy']:.2f}x" if r["speedup_vs_numpy"] else "-"
-        lines.append(f"{r['shape']:<14} {r['backend']:<8} {1e3 * r['seconds_per_step']:>9.1f} {speed:>19}")
+        m = r["median_s"]
+
+        def ms(c):
+            return f"{1e3 * m[c]:.1f}" if c in m else "-"
+
+        def ratio(a, b):
+            return f"{m[a] / m[b]:.2f}" if a in m and b in m else "-"
+
+        bound = ",".join(f"{r['expert_ffn_s'][c] / (r['expert_ffn_flops'][c] / r['sgemm_flops']):.2f}"
+                         for c in ("numpy", "numba") if c in r.get("expert_ffn_s", {}))
+        opt = "/".join(f"{1e3 * r['optimizer_s'][c]:.1f}" if c in r["optimizer_s"] else "-" for c in CONTENDERS)
+        mem = r.get("peak_mb", {})
+        peak = "/".join(f"{mem[c]:.0f}" if mem.get(c) is not None else "-" for c in CONTENDERS)
+        lines.append(f"{r['config']:<8}{ms('numpy'):>10}{ms('numba'):>10}{ms('torch'):>10}{ratio('numpy', 'torch'):>10}"
+                     f"{ratio('numba', 'torch'):>10}{ratio('numba', 'numpy'):>8}{bound:>17}{opt:>22}{peak:>22}")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--repeat", type=int, default=None, help="timed steps per contender (default 15/5/3 by config)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--settle", type=float, default=0.3, help="pause (s) before each contender's step")
+    ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
+    ap.add_argument("--_memory-child", nargs=2, dest="memory_child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(memory_child(*args.memory_child, args.threads))
+        return 0
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json == "-" else print
+    set_threads(args.threads)
+    contenders = [c for c in CONTENDERS if c != "torch" or (args.torch and have_torch())]
+    contenders = [c for c in contenders if c == "torch" or c in tm.backends.available()]
+    if "numba" in contenders:
+        tm.backends.load("numba").warmup()
+    with open("/proc/loadavg") as fh:
+        load_before = fh.read().split()[:3]
+    rate = sgemm_rate(args.threads)
+    rows = []
+    for name in args.configs:
+        repeat = args.repeat or {"demo": 15, "medium": 5, "big": 3}[name]
+        row = time_config(name, contenders, repeat, args.warmup, args.settle, args.threads)
+        if args.memory:
+            row["peak_mb"] = {c: peak_memory(c, name, args.threads) for c in contenders}
+        rows.append(row)
+        log(f"{name}: " + ", ".join(f"{c} {1e3 * t:.1f} ms" for c, t in row["median_s"].items()))
+    with open("/proc/loadavg") as fh:
+        load_after = fh.read().split()[:3]
+    log(f"\nthreads {args.threads}, sgemm {rate / 1e9:.1f} GFLOP/s at the start (ffn/bound uses each config's "
+        f"rounds' median), load before {' '.join(load_before)}, after {' '.join(load_after)}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    log(format_rows(rows))
+    result = {"rows": rows, "threads": args.threads, "sgemm_flops": rate, "loadavg_before": load_before,
+              "loadavg_after": load_after, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.json:
+        text = json.dumps(result, indent=1, default=float)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as fh:
+                fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -254,7 +254,10 @@ def test_deterministic(name, be, routing, dtype, seed):
 @given(routing=routings(), dtype=dtypes, activation=st.sampled_from(sorted(ACTIVATIONS)),
        min_tile_rows=st.sampled_from([1, 3, 16]), seed=st.integers(0, 2**16))
 def test_numba_row_tiles_match_reference(name, be, routing, dtype, activation, min_tile_rows, seed):
-    """Experts cut into row tiles across threads (partial weight gradients summed after) give the reference."""
+    """Experts cut into row tiles across threads (partial weight gradients summed after) give the reference.
+
+    The size rule that runs small calls on one thread is switched off here, so these small inputs take the
+    multi-threaded paths (tiles, and the parallel gather/combine kernels)."""
     idx, keep, _, E = routing
     order, offsets, inverse = D.route(idx, E, keep)
     rng = np.random.default_rng(seed)
@@ -264,13 +267,27 @@ def test_numba_row_tiles_match_reference(name, be, routing, dtype, activation, m
     out, h = D.expert_ffn(xs, offsets, *params, activation)
     dout = rng.standard_normal(out.shape).astype(dtype)
     ref_grads = D.expert_ffn_backward(dout, xs, h, offsets, params[0], params[2], activation)
-    saved, be.MIN_TILE_ROWS = be.MIN_TILE_ROWS, min_tile_rows
+    weights = rng.random((idx.shape[0], idx.shape[1])).astype(dtype)
+    names = ("MIN_TILE_ROWS", "PARALLEL_MIN_FLOPS", "PARALLEL_MIN_ELEMENTS")
+    saved = [getattr(be, n) for n in names]
+    for n, value in zip(names, (min_tile_rows, 0, 0)):
+        setattr(be, n, value)
     try:
         got_out, got_h = be.expert_ffn(xs, offsets, *params, activation)
         got = be.expert_ffn_backward(dout, xs, h, offsets, params[0], params[2], activation)
         again = be.expert_ffn_backward(dout, xs, h, offsets, params[0], params[2], activation)
+        x = rng.standard_normal((idx.shape[0], d)).astype(dtype)
+        assert_close(be.gather(x, order, idx.shape[1]), D.gather(x, order, idx.shape[1]), dtype, "gather")
+        assert_close(be.gather_backward(xs, inverse, idx.shape[1], idx.shape[0]),
+                     D.gather_backward(xs, inverse, idx.shape[1], idx.shape[0]), dtype, "gather_backward")
+        assert_close(be.combine(out, weights, inverse), D.combine(out, weights, inverse), dtype, "combine")
+        dy = rng.standard_normal((idx.shape[0], d)).astype(dtype)
+        for g, ref, what in zip(be.combine_backward(dy, out, weights, inverse),
+                                D.combine_backward(dy, out, weights, inverse), ("dout", "dweights")):
+            assert_close(g, ref, dtype, what)
     finally:
-        be.MIN_TILE_ROWS = saved
+        for n, value in zip(names, saved):
+            setattr(be, n, value)
     assert_close(got_out, out, dtype, "out")
     assert_close(got_h, h, dtype, "h")
     for g, g2, ref, what in zip(got, again, ref_grads, ("dxs", "dw1", "db1", "dw2", "db2")):

@@ -35,8 +35,11 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
-def _as_array(data, dtype=None):
-    """Wrap `data` as an array: float32 by default, float64 kept, integer/bool kept (indices, masks)."""
+def _as_array(data, dtype=None, copy=True):
+    """Wrap `data` as an array: float32 by default, float64 kept, integer/bool kept (indices, masks).
+
+    A float32 array given by the user is copied (a Tensor owns its data: the optimizer updates it in place);
+    an op's fresh result is wrapped as it is (copy=False), which saves a full copy of every op output."""
     if isinstance(data, Tensor):
         data = data.data
     xp = array_module(data)
@@ -45,7 +48,7 @@ def _as_array(data, dtype=None):
     arr = xp.asarray(data)
     python_value = not hasattr(data, "dtype")  # a Python float or list defaults to float32 too
     if arr.dtype.kind == "f" and (arr.dtype != np.float64 or python_value):
-        arr = arr.astype(np.float32)  # float16/float32 -> float32; float64 is kept for gradient checks
+        arr = arr.astype(np.float32, copy=copy)  # float16/float32 -> float32; float64 is kept for gradient checks
     elif arr.dtype.kind not in "fbiu":
         raise TypeError(f"Tensor: unsupported dtype {arr.dtype}; give a float, integer or bool array")
     return arr
@@ -78,8 +81,8 @@ class Tensor:
 
     __array_priority__ = 100  # so that `ndarray * Tensor` calls Tensor.__rmul__
 
-    def __init__(self, data, requires_grad=False, dtype=None, _parents=(), _op=""):
-        self.data = _as_array(data, dtype)
+    def __init__(self, data, requires_grad=False, dtype=None, _parents=(), _op="", _fresh=False):
+        self.data = _as_array(data, dtype, copy=not _fresh)  # _fresh: an op's own result, wrapped without a copy
         if requires_grad and self.data.dtype.kind != "f":
             raise TypeError(f"Tensor: only float tensors can require grad, got dtype {self.data.dtype}")
         self.requires_grad = bool(requires_grad)
@@ -129,10 +132,10 @@ class Tensor:
         """The output of an op. It joins the graph only when grad is on and some input needs a gradient."""
         parents = tuple(p for p in parents if p.requires_grad)
         if _grad_enabled and parents:
-            out = Tensor(data, _parents=parents, _op=op)
+            out = Tensor(data, _parents=parents, _op=op, _fresh=True)
             out.requires_grad = True
             return out
-        return Tensor(data)
+        return Tensor(data, _fresh=True)
 
     def _accumulate(self, grad):
         if grad.dtype != self.dtype:  # e.g. a float64 constant met a float32 tensor
@@ -409,15 +412,11 @@ class Tensor:
             np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except ValueError:
             raise ValueError(f"matmul: batch dimensions of {self.shape} and {other.shape} do not broadcast") from None
-        out = a._make(a.data @ b.data, (a, b), "matmul")
-
-        def _backward(g):
-            if a.requires_grad:
-                a._accumulate(unbroadcast(g @ b.data.swapaxes(-1, -2), a.shape))
-            if b.requires_grad:
-                b._accumulate(unbroadcast(a.data.swapaxes(-1, -2) @ g, b.shape))
-
-        out._backward = _backward
+        if b.ndim == 2 and a.ndim > 2:
+            out = _rows_matmul(a, b)
+        else:
+            out = a._make(a.data @ b.data, (a, b), "matmul")
+            out._backward = _matmul_backward(a, b)
         if self.ndim == 1:
             out = out.reshape(out.shape[:-2] + out.shape[-1:])
         if other.ndim == 1:
@@ -426,6 +425,37 @@ class Tensor:
 
     def __rmatmul__(self, other):
         return self._lift(other) @ self
+
+
+def _matmul_backward(a, b):
+    """The adjoint of a @ b (any batch shapes): da = g·bᵀ, db = aᵀ·g, each summed over broadcast batch axes."""
+
+    def _backward(g):
+        if a.requires_grad:
+            a._accumulate(unbroadcast(g @ b.data.swapaxes(-1, -2), a.shape))
+        if b.requires_grad:
+            b._accumulate(unbroadcast(a.data.swapaxes(-1, -2) @ g, b.shape))
+
+    return _backward
+
+
+def _rows_matmul(a, b):
+    """(..., k) @ (k, n) as one GEMM on the flattened rows (..., k) -> (N, k), and so its adjoint: db = a2ᵀ·g2 is
+    one (k, N)·(N, n) product, where the batched form made one small product per leading index and then summed
+    a (batch, k, n) temporary over the batch."""
+    rows, n = int(np.prod(a.shape[:-1])), b.shape[-1]
+    a2 = a.data.reshape(rows, a.shape[-1])  # (N, k); a copy only when a is not contiguous (e.g. permuted)
+    out = a._make((a2 @ b.data).reshape(a.shape[:-1] + (n,)), (a, b), "matmul")
+
+    def _backward(g):
+        g2 = g.reshape(rows, n)  # (N, n)
+        if a.requires_grad:
+            a._accumulate((g2 @ b.data.T).reshape(a.shape))
+        if b.requires_grad:
+            b._accumulate(a2.T @ g2)
+
+    out._backward = _backward
+    return out
 
 
 # ---- functions over several tensors ---------------------------------------------------------------------------
@@ -515,17 +545,40 @@ def _check_index(index):
     return tuple(clean) if isinstance(index, tuple) else clean[0]
 
 
+def _is_basic(index):
+    """True for basic indexing (ints, slices, Ellipsis, None): it selects every element at most once."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(item is None or item is Ellipsis or isinstance(item, (slice, numbers.Integral)) for item in items)
+
+
 def _scatter_add(target, index, values):
-    """target[index] += values, summing repeated indices (np.add.at; cupyx.scatter_add on the GPU)."""
+    """target[index] += values, summing repeated indices (np.add.at; cupyx.scatter_add on the GPU).
+
+    Basic indices (e.g. qkv[0], x[:, 1:]) cannot repeat an element, so there a plain add into the view does it
+    (~15x faster than np.add.at). Integer arrays into the leading axes (embeddings, t[rows, idx] in the gates)
+    become row ids of a flattened view, summed by sorting; np.add.at is left for mixed and boolean indices."""
     xp = array_module(target)
-    if xp is np and isinstance(index, np.ndarray) and index.dtype.kind in "iu":
+    if _is_basic(index):
+        target[index] += values
+    elif xp is np and isinstance(index, np.ndarray) and index.dtype.kind in "iu":
         _scatter_add_rows(target, index, values)
+    elif xp is np and _integer_arrays(index) and len(index) <= target.ndim and target.flags.c_contiguous:
+        arrays = index
+        lead = target.shape[: len(arrays)]
+        arrays = [np.where(a < 0, a + n, a) for a, n in zip(np.broadcast_arrays(*arrays), lead)]
+        _scatter_add_rows(target.reshape(-1, *target.shape[len(lead):]), np.ravel_multi_index(arrays, lead), values)
     elif xp is np:
         np.add.at(target, index, values)
     else:
         import cupyx
 
         cupyx.scatter_add(target, index, values)
+
+
+def _integer_arrays(index):
+    """True when `index` is a tuple of integer arrays (no slices, no booleans)."""
+    return isinstance(index, tuple) and bool(index) and all(
+        isinstance(a, np.ndarray) and a.dtype.kind in "iu" for a in index)
 
 
 def _scatter_add_rows(target, index, values):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .arrays import array_module
 
 
@@ -77,26 +79,61 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba 2015, Alg. 1) with bias correction; weight_decay adds L2 to the gradient."""
+    """Adam (Kingma & Ba 2015, Alg. 1) with bias correction; weight_decay adds L2 to the gradient.
+
+    The step is the paper's, rearranged so that it runs in place with one scratch array (no temporaries):
+
+        m ← β₁m + (1 − β₁)g,   v ← β₂v + (1 − β₂)g²
+        p ← p − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)       (= lr · m̂ / (√v̂ + ε))
+
+    When the current backend offers a fused kernel (`adam_step`, the numba backend does), the whole update is one
+    pass over p, g, m and v; its result is tested against this formula.
+    """
 
     decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self._scratch = None
 
     def _update(self, i, p, g):
         b1, b2 = self.betas
+        xp = array_module(p.data)
         if self.weight_decay and not self.decoupled:
             g = g + self.weight_decay * p.data
-        m, v = self._buffers("exp_avg"), self._buffers("exp_avg_sq")
-        m[i] = b1 * m[i] + (1 - b1) * g
-        v[i] = b2 * v[i] + (1 - b2) * g * g
-        m_hat = m[i] / (1 - b1**self.step_count)
-        v_hat = v[i] / (1 - b2**self.step_count)
-        if self.weight_decay and self.decoupled:
-            p.data -= self.lr * self.weight_decay * p.data
-        p.data -= (self.lr * m_hat / (array_module(v_hat).sqrt(v_hat) + self.eps)).astype(p.dtype)
+        m, v = self._buffers("exp_avg")[i], self._buffers("exp_avg_sq")[i]
+        step_size = self.lr / (1 - b1**self.step_count)  # lr / (1 - β₁ᵗ)
+        inv_root_bc2 = 1.0 / math.sqrt(1 - b2**self.step_count)  # 1 / √(1 - β₂ᵗ)
+        decay = 1.0 - self.lr * self.weight_decay if self.decoupled else 1.0  # AdamW: p ← (1 - lr·wd)·p first
+        fused = _backend_kernel("adam_step")
+        if fused is not None and fused(p.data, g, m, v, b1, b2, self.eps, step_size, inv_root_bc2, decay):
+            return  # done in one pass (a kernel returns False for arrays it does not take)
+        t = self._scratch_like(p.data)
+        xp.multiply(g, 1 - b1, out=t)
+        m *= b1
+        m += t  # m = β₁m + (1 - β₁)g
+        xp.multiply(g, g, out=t)
+        t *= 1 - b2
+        v *= b2
+        v += t  # v = β₂v + (1 - β₂)g²
+        xp.sqrt(v, out=t)
+        t *= inv_root_bc2
+        t += self.eps  # √v̂ + ε
+        xp.divide(m, t, out=t)
+        t *= step_size  # lr · m̂ / (√v̂ + ε)
+        if decay != 1.0:
+            p.data *= decay
+        p.data -= t
+
+    def _scratch_like(self, a):
+        """A scratch array of a's shape and dtype, carved from one flat buffer kept between steps."""
+        xp = array_module(a)
+        if self._scratch is None or self._scratch.size < a.size or self._scratch.dtype != a.dtype \
+                or array_module(self._scratch) is not xp:
+            largest = max(p.data.size for p in self.params if p.dtype == a.dtype)
+            self._scratch = xp.empty(max(largest, a.size), dtype=a.dtype)
+        return self._scratch[: a.size].reshape(a.shape)
 
 
 class AdamW(Adam):
@@ -109,20 +146,47 @@ class AdamW(Adam):
 
 
 def clip_grad_norm(params, max_norm):
-    """Scale all gradients together so their global L2 norm is at most max_norm; returns the norm before."""
+    """Scale all gradients together so their global L2 norm is at most max_norm; returns the norm before.
+
+    Each gradient's squared norm is a dot product in its own dtype (BLAS: no float64 copy of every gradient);
+    should a float32 one overflow, underflow or be NaN, that gradient is summed again in float64, so the
+    total is exact enough where it matters and a NaN or inf gradient still raises."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    xp = array_module(grads[0])
-    total = float(xp.sqrt(sum(xp.sum(g.astype("float64") ** 2) for g in grads)))
+    total = math.sqrt(sum(_squared_norm(g) for g in grads))
     if not math.isfinite(total):
         raise FloatingPointError(f"clip_grad_norm: the gradient norm is {total}; lower the learning rate or check the loss")
     if total > max_norm:
         scale = max_norm / (total + 1e-6)
         for p in params:
             if p.grad is not None:
-                p.grad = p.grad * scale
+                p.grad = p.grad * scale  # a new array: gradients may share memory (one op's g sent to two inputs)
     return total
+
+
+def _squared_norm(g) -> float:
+    """Σ g², as a float: a dot product in g's dtype, redone in float64 when float32 overflowed or underflowed."""
+    xp = array_module(g)
+    flat = g.reshape(-1)
+    with np.errstate(over="ignore", under="ignore"):  # an overflow is caught below and redone in float64
+        sq = float(xp.dot(flat, flat))
+    if g.dtype == xp.float64 or 1e-30 < sq < 1e30:
+        return sq
+    if sq == 0.0 and not xp.any(flat):
+        return 0.0
+    wide = flat.astype(xp.float64)  # inf/NaN, or near float32's limits: redo it in float64
+    return float(xp.dot(wide, wide))
+
+
+def _backend_kernel(name):
+    """The current backend's optional kernel `name` (e.g. the numba backend's fused adam_step), else None."""
+    from . import backends
+
+    try:
+        return getattr(backends.backend_module(), name, None)
+    except backends.BackendUnavailable:
+        return None
 
 
 def warmup_cosine(step, base_lr, warmup_steps, total_steps, min_lr=0.0):

@@ -128,7 +128,7 @@ def resolve_backend(name) -> str:
             raise backends.BackendUnavailable(f"TINYMOE_BACKEND={env}: {e}; unset it or pick one of "
                                               f"{backends.available()}") from None
     if name == "auto":
-        name = env or ("numba" if "numba" in backends.available() else "numpy")
+        name = env or backends.auto()
     backends.load(name)  # BackendUnavailable with the reason and the install command
     return name
 

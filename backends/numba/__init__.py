@@ -9,23 +9,33 @@ Design (docs/design.md §6, "The CPU design"):
 2. gather: prange over rows, xs[r] = x[order[r] // k]; its adjoint sums the k rows of each token (prange over
    tokens, no atomics).
 3. expert FFN: per-expert BLAS GEMMs (SciPy's sgemm/dgemm through Numba's np.dot) on contiguous row slices
-   `buf[s:t]` of the expert-sorted buffers, bias + activation in a jitted loop; backward recomputes the activation
-   from the saved pre-activation h. Experts without rows get zero weight gradients. The activations (relu, gelu
-   (tanh form), silu) are computed in float64 with a vectorisable exp (see _ffn.py), which keeps
-   them a small part of the layer; tinymoe.activations' registry decides which names are accepted.
+   `buf[s:t]` of the expert-sorted buffers, bias + activation in a jitted loop; backward recomputes act(h) and
+   act'(h) in one pass (one exp per element) from the saved pre-activation h. Experts without rows get zero weight
+   gradients. The activations (relu, gelu (tanh form), silu) are computed in the arrays' precision (float32 in
+   float32, ~1 ns per element) with a vectorisable exp (see _ffn.py), which keeps them a small part of the layer;
+   tinymoe.activations' registry decides which names are accepted.
+   Small calls run on one thread (PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS): below those sizes waking a second
+   worker costs more than it saves.
 4. combine: prange over tokens, y[t] = Σ_j w[t, j]·out[inverse[t·k + j]]; its adjoint computes dout and dweights
    in one pass.
 No atomics and sums in a fixed order: the same input gives bitwise the same output. No fastmath.
 
 Thread choice for the expert GEMMs (P = numba.get_num_threads()): always `prange` over the P threads with BLAS
 pinned to one thread (threadpoolctl), never BLAS threads under or beside numba's pool. The work is cut into tiles:
-an expert's rows, where an expert with more than ⌈R / (TILES_PER_THREAD·P)⌉ rows (TILES_PER_THREAD = 2; never less
+an expert's rows, where an expert with more than ⌈R / (TILES_PER_THREAD·P)⌉ rows (PARALLEL_MIN_ELEMENTS = 1 << 16  # gather / combine on fewer floats than this run on one thread
+PARALLEL_MIN_FLOPS = 1 << 24  # an expert FFN call of fewer FLOPs than this runs on one thread
+TILES_PER_THREAD = 2; never less
 than MIN_TILE_ROWS = 128) is cut into row tiles of that size; the tiles are packed onto the threads longest first
 (LPT). So many experts run in parallel, one per thread at a time, and a few large experts (E < 2P, or one expert
 holding most rows) are split across the threads instead of run in turn with multi-threaded BLAS, which is much
 slower (benchmarks/README.md has the measurements): OpenBLAS's workers busy-wait after each GEMM, stealing the
 cores from numba's OpenMP threads. An expert cut into several tiles gets its weight gradients as partial sums,
 added in a fixed order (deterministic for a given P).
+
+Threads under load: numba's OpenMP workers are told to sleep when idle (OMP_WAIT_POLICY=PASSIVE, set on import
+unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT). libgomp's default spins after every parallel region; on a
+machine where other processes want the cores, a spinning worker holds a core the other worker needs to finish the
+next region, and a training step made of many short regions ran 25x slower than with sleeping workers.
 
 Compilation: kernels are compiled on first use (~15-30 s for all of them, both dtypes) and cached on disk (numba
 `cache=True`, in __pycache__ or NUMBA_CACHE_DIR; a warm start loads them in ~0.5 s). Set TINYMOE_NUMBA_CACHE=0 to
@@ -38,18 +48,30 @@ Floats are computed in float32 or float64 (other float dtypes in float64, return
 """
 from __future__ import annotations
 
-import numba
-import numpy as np
+import contextlib
+import os
+
+# Idle OpenMP workers sleep instead of spinning (set before numba first starts its OpenMP pool; a user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins). With the default spin, a step whose kernels are many short parallel
+# regions collapses whenever another process wants the cores: the demo step measured 451 ms against 17 ms with
+# PASSIVE on a 2-core machine at load 6, and 33 ms single-threaded. See "Threads" in the docstring above.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba's np.dot calls before threadpoolctl looks)
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import ThreadpoolController  # noqa: E402
 
 from ...activations import get_activation
-from . import _ffn, _routing
-from ._jit import cache_enabled
+from . import _ffn, _optim, _routing  # noqa: E402
+from ._jit import cache_enabled  # noqa: E402
 
 __all__ = ["capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
-           "combine_backward", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
+           "combine_backward", "adam_step", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
 
+PARALLEL_MIN_ELEMENTS = 1 << 16  # gather / combine on fewer floats than this run on one thread
+PARALLEL_MIN_FLOPS = 1 << 24  # an expert FFN call of fewer FLOPs than this runs on one thread
 TILES_PER_THREAD = 2  # an expert with more than R / (this × threads) rows is cut into tiles of that many rows
 MIN_TILE_ROWS = 128  # ... but never into tiles smaller than this (GEMM efficiency); tests lower it
 _blas = ThreadpoolController()
@@ -68,6 +90,22 @@ def _work_dtype(dtype):
 
 def _floats(a, dtype):
     return np.ascontiguousarray(a, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _threads_for(size, threshold):
+    """Run the kernels inside on one thread when `size` < `threshold`: waking the other workers for a parallel
+    region costs tens of microseconds on a quiet machine and milliseconds on a busy one, more than small work
+    gains (a d=16, 4-expert layer step took 3.2 ms on numba against 0.7 ms on numpy before this)."""
+    threads = numba.get_num_threads()
+    if size >= threshold or threads == 1:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _bools(a, shape):
@@ -106,7 +144,8 @@ def gather(x, order, k):
     if x.dtype not in (np.float32, np.float64):
         return x[order // k]  # other dtypes: plain NumPy indexing
     xs = np.empty((order.shape[0], x.shape[1]), dtype=x.dtype)
-    _routing.gather_kernel(x, order, int(k), xs)
+    with _threads_for(xs.size, PARALLEL_MIN_ELEMENTS):
+        _routing.gather_kernel(x, order, int(k), xs)
     return xs
 
 
@@ -115,7 +154,8 @@ def gather_backward(dxs, inverse, k, num_tokens):
     dtype = np.asarray(dxs).dtype
     dxs = _floats(dxs, _work_dtype(dtype))
     dx = np.empty((int(num_tokens), dxs.shape[1]), dtype=dxs.dtype)
-    _routing.gather_backward_kernel(dxs, _ints(inverse), int(k), dx)
+    with _threads_for(dxs.size, PARALLEL_MIN_ELEMENTS):
+        _routing.gather_backward_kernel(dxs, _ints(inverse), int(k), dx)
     return dx.astype(dtype, copy=False)
 
 
@@ -125,7 +165,8 @@ def combine(out, weights, inverse):
     work = _work_dtype(dtype)
     out, weights = _floats(out, work), _floats(weights, work)
     y = np.empty((weights.shape[0], out.shape[1]), dtype=work)
-    _routing.combine_kernel(out, weights, _ints(inverse), y)
+    with _threads_for(out.size, PARALLEL_MIN_ELEMENTS):
+        _routing.combine_kernel(out, weights, _ints(inverse), y)
     return y.astype(dtype, copy=False)
 
 
@@ -137,7 +178,8 @@ def combine_backward(dy, out, weights, inverse):
     claimed = np.count_nonzero(inverse >= 0) == out.shape[0]  # a plan from route: every row claimed once
     dout = np.empty_like(out) if claimed else np.zeros_like(out)
     dweights = np.zeros_like(weights)
-    _routing.combine_backward_kernel(dy, out, weights, inverse, dout, dweights)
+    with _threads_for(out.size, PARALLEL_MIN_ELEMENTS):
+        _routing.combine_backward_kernel(dy, out, weights, inverse, dout, dweights)
     return dout.astype(out_dtype, copy=False), dweights.astype(w_dtype, copy=False)
 
 
@@ -170,9 +212,10 @@ def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
     h = np.empty((R, f), dtype=work)
     a = np.empty((R, f), dtype=work)  # act(h): scratch
     out = np.empty((R, d_out), dtype=work)
-    tiles, bins, _ = _plan(offsets)
-    with _blas.limit(limits=1, user_api="blas"):  # BLAS threads inside prange would oversubscribe
-        _ffn.ffn_forward(xs, w1, b1, w2, b2, code, tiles, bins, h, a, out)
+    with _threads_for(4 * R * w1.shape[1] * f, PARALLEL_MIN_FLOPS):
+        tiles, bins, _ = _plan(offsets)
+        with _blas.limit(limits=1, user_api="blas"):  # BLAS threads inside prange would oversubscribe
+            _ffn.ffn_forward(xs, w1, b1, w2, b2, code, tiles, bins, h, a, out)
     return out.astype(dtype, copy=False), h.astype(dtype, copy=False)
 
 
@@ -189,18 +232,39 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     E, d, f = w1.shape
     d_out = w2.shape[2]
     g = np.empty_like(h)  # scratch: act(h), then dh
+    slope = np.empty_like(h)  # scratch: act'(h), computed with act(h) in one pass
     dxs = np.empty_like(xs) if offsets[0] == 0 and offsets[-1] == xs.shape[0] else np.zeros_like(xs)
     dw1, db1 = np.zeros((E, d, f), dtype=work), np.zeros((E, f), dtype=work)
     dw2, db2 = np.zeros((E, f, d_out), dtype=work), np.zeros((E, d_out), dtype=work)
-    tiles, bins, slot_start = _plan(offsets)
-    n = int(slot_start[-1])  # partial weight gradients of experts cut into several tiles
-    sw1, sb1 = np.empty((n, d, f), dtype=work), np.empty((n, f), dtype=work)
-    sw2, sb2 = np.empty((n, f, d_out), dtype=work), np.empty((n, d_out), dtype=work)
-    with _blas.limit(limits=1, user_api="blas"):
-        _ffn.ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, dxs, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
-    if n:
-        _ffn.reduce_slots(slot_start, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
+    with _threads_for(4 * xs.shape[0] * d * f, PARALLEL_MIN_FLOPS):
+        tiles, bins, slot_start = _plan(offsets)
+        n = int(slot_start[-1])  # partial weight gradients of experts cut into several tiles
+        sw1, sb1 = np.empty((n, d, f), dtype=work), np.empty((n, f), dtype=work)
+        sw2, sb2 = np.empty((n, f, d_out), dtype=work), np.empty((n, d_out), dtype=work)
+        with _blas.limit(limits=1, user_api="blas"):
+            _ffn.ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, slope, dxs, dw1, db1, dw2, db2, sw1, sb1,
+                              sw2, sb2)
+        if n:
+            _ffn.reduce_slots(slot_start, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2)
     return (dxs.astype(x_dtype, copy=False), *(a.astype(w_dtype, copy=False) for a in (dw1, db1, dw2, db2)))
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+def adam_step(p, g, m, v, b1, b2, eps, step_size, inv_root_bc2, decay) -> bool:
+    """One fused in-place Adam(W) step on C-contiguous float32/float64 arrays of one shape and dtype:
+
+        m ← β₁m + (1 − β₁)g,  v ← β₂v + (1 − β₂)g²,  p ← decay·p − step_size·m / (√v·inv_root_bc2 + ε)
+
+    (`tinymoe.optim.Adam` passes step_size = lr/(1 − β₁ᵗ), inv_root_bc2 = 1/√(1 − β₂ᵗ), decay = 1 − lr·wd.)
+    Returns False, touching nothing, for arrays it does not take; the caller then runs the NumPy form."""
+    arrays = (p, g, m, v)
+    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == p.dtype and a.shape == p.shape
+               for a in arrays) or p.dtype not in (np.float32, np.float64) or not p.flags.writeable:
+        return False
+    p, g, m, v = (a.reshape(-1) for a in arrays)
+    kernel = _optim.adam_parallel if p.shape[0] >= _optim.PARALLEL_MIN else _optim.adam_serial
+    kernel(p, g, m, v, float(b1), float(b2), float(eps), float(step_size), float(inv_root_bc2), float(decay))
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- session
@@ -221,7 +285,7 @@ _warm = False
 
 def warmup():
     """Compile (or load from the disk cache) every kernel for float32 and float64 on tiny inputs; runs once."""
-    global _warm, MIN_TILE_ROWS
+    global _warm, MIN_TILE_ROWS, PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS
     if _warm:
         return
     rng = np.random.default_rng(0)
@@ -230,7 +294,8 @@ def warmup():
     order, offsets, inverse = route(expert_idx, E)
     capacity_keep(expert_idx, E, 3)
     capacity_keep(expert_idx, E, 3, np.ones((T, k)))
-    saved, MIN_TILE_ROWS = MIN_TILE_ROWS, 1  # cut experts into tiles: compiles the partial-gradient reduction too
+    saved = MIN_TILE_ROWS, PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS
+    MIN_TILE_ROWS, PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS = 1, 0, 0  # tiles on all threads: compiles reduce_slots
     try:
         for dtype in (np.float32, np.float64):
             x = rng.standard_normal((T, d)).astype(dtype)
@@ -242,6 +307,8 @@ def warmup():
             out, h = expert_ffn(xs, offsets, w1, b1, w2, b2)
             expert_ffn_backward(out, xs, h, offsets, w1, w2)
             combine_backward(combine(out, weights, inverse), out, weights, inverse)
+            for kernel in (_optim.adam_serial, _optim.adam_parallel):
+                kernel(*(np.zeros(4, dtype) for _ in range(4)), 0.9, 0.999, 1e-8, 1e-3, 1.0, 1.0)
     finally:
-        MIN_TILE_ROWS = saved
+        MIN_TILE_ROWS, PARALLEL_MIN_FLOPS, PARALLEL_MIN_ELEMENTS = saved
     _warm = True

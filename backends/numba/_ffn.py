@@ -9,7 +9,8 @@ Work is cut into tiles (an expert's rows, or a slice of them when the expert is 
 (`plan_tiles`); each thread runs its tiles one after another with single-threaded BLAS. Weight gradients of an
 expert cut into several tiles are partial sums in scratch, added in a fixed order afterwards (`reduce_slots`).
 Activation codes: 0 relu, 1 gelu (tanh form), 2 silu (see tinymoe/activations.py).
-Elementwise math runs in float64 and is rounded once to the array dtype.
+Elementwise math runs in the arrays' precision (float32 or float64); backward computes act(h) and act'(h) in one
+pass from one exp per element.
 """
 from __future__ import annotations
 
@@ -62,14 +63,6 @@ def _sigmoid(u):
 
 
 @njit(inline="always")
-def _sigmoid_slope(u):
-    """σ(u)(1 − σ(u)), without cancellation."""
-    e = _exp_neg(abs(u))
-    q = 1.0 / (1.0 + e)
-    return e * q * q
-
-
-@njit(inline="always")
 def _gelu_arg(v):
     """2z = 2√(2/π)(v + 0.044715v³)"""
     return 2.0 * _GELU_C * (v + _GELU_A * v * v * v)
@@ -78,18 +71,6 @@ def _gelu_arg(v):
 @njit(inline="always")
 def _gelu(v):
     return v * _sigmoid(_gelu_arg(v))
-
-
-@njit(inline="always")
-def _gelu_grad(v):
-    u = _gelu_arg(v)
-    return _sigmoid(u) + 2.0 * _GELU_C * v * _sigmoid_slope(u) * (1.0 + 3.0 * _GELU_A * v * v)
-
-
-@njit(inline="always")
-def _silu_grad(v):
-    s = _sigmoid(v)
-    return s + v * _sigmoid_slope(v)  # = s(1 + v(1 − s))
 
 
 @njit(inline="always")
@@ -107,54 +88,155 @@ def _silu(v):
     return v * _sigmoid(v)
 
 
-# Row maps: one plain double loop over a 2-D row range per activation, chosen by `act_rows` outside the loops.
-# LLVM vectorised these; one loop branching on the activation code inside was not (6x slower), and passing the
-# activation as a function argument made Numba refuse to cache the kernels. Hence the repetition.
+# ---- float32: the same forms in single precision, so that a vector register holds twice as many lanes.
+# exp(−y) by Cody-Waite with ln 2 split into 0.693359375 (9 significant bits: n·hi is exact for n ≤ 150) and the
+# rest, and Taylor to degree 7 on |r| ≤ ½ln 2 (truncation < 6e-9 relative, below float32's half-ulp 6e-8).
+_F1, _F05 = np.float32(1.0), np.float32(0.5)
+_LN2_HI32, _LN2_LO32 = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_INV_LN2_32 = np.float32(1.0 / math.log(2.0))
+_POW2_NEG32 = (2.0 ** -np.arange(151.0)).astype(np.float32)  # 2^-n, n = 0..150 (subnormal from 127, 0 at 150)
+_C32 = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
+_GELU_2C32, _GELU_A32 = np.float32(2.0 * _GELU_C), np.float32(_GELU_A)
+_GELU_3A32 = np.float32(3.0 * _GELU_A)
+
+
+@njit(inline="always")
+def _exp_neg32(y):
+    """exp(−y) for y ≥ 0 in float32 (relative error a few ulp; 0 from y ≈ 104, where float32 runs out)."""
+    y = y if y < np.float32(104.0) else np.float32(104.0)
+    n = np.int32(y * _INV_LN2_32 + _F05)  # round(y / ln 2): y ≥ 0, so truncation is floor
+    nf = np.float32(n)
+    r = (nf * _LN2_HI32 - y) + nf * _LN2_LO32
+    c = _C32
+    p = ((((((c[7] * r + c[6]) * r + c[5]) * r + c[4]) * r + c[3]) * r + c[2]) * r + c[1]) * r + c[0]
+    return p * _POW2_NEG32[n]
+
+
+@njit(inline="always")
+def _sigmoid_parts32(u):
+    """(σ(u), σ(u)(1 − σ(u))) in float32 from one exp: e = exp(−|u|), q = 1/(1 + e)."""
+    e = _exp_neg32(abs(u))
+    q = _F1 / (_F1 + e)
+    return (q if u >= 0 else e * q), e * q * q
+
+
+@njit(inline="always")
+def _gelu32(v):
+    s, _ = _sigmoid_parts32(_GELU_2C32 * (v + _GELU_A32 * v * v * v))
+    return v * s
+
+
+@njit(inline="always")
+def _gelu_both32(v):
+    """(gelu(v), gelu'(v)) in float32 from one exp."""
+    s, slope = _sigmoid_parts32(_GELU_2C32 * (v + _GELU_A32 * v * v * v))
+    return v * s, s + _GELU_2C32 * v * slope * (_F1 + _GELU_3A32 * v * v)
+
+
+@njit(inline="always")
+def _silu32(v):
+    s, _ = _sigmoid_parts32(v)
+    return v * s
+
+
+@njit(inline="always")
+def _silu_both32(v):
+    s, slope = _sigmoid_parts32(v)
+    return v * s, s + v * slope
+
+
+@njit(inline="always")
+def _gelu_both(v):
+    """(gelu(v), gelu'(v)) in float64 from one exp (the forms above)."""
+    u = _gelu_arg(v)
+    e = _exp_neg(abs(u))
+    q = 1.0 / (1.0 + e)
+    s = q if u >= 0 else e * q
+    s = s if u == u else u
+    return v * s, s + 2.0 * _GELU_C * v * (e * q * q) * (1.0 + 3.0 * _GELU_A * v * v)
+
+
+@njit(inline="always")
+def _silu_both(v):
+    e = _exp_neg(abs(v))
+    q = 1.0 / (1.0 + e)
+    s = q if v >= 0 else e * q
+    s = s if v == v else v
+    return v * s, s + v * (e * q * q)
+
+
+# Row maps: one plain double loop over a 2-D row range per activation and precision, chosen outside the loops
+# (`h.itemsize == 4` is float32). LLVM vectorised these; one loop branching on the activation code inside was not
+# (6x slower), and passing the activation as a function argument made Numba refuse to cache the kernels. Hence
+# the repetition. float32 arrays are computed in float32 (a few ulp, well inside the tests' 1e-5), float64 in
+# float64.
 @njit()
 def _relu_rows(h, a, s, t):
     for i in range(s, t):
         for c in range(h.shape[1]):
-            a[i, c] = _relu(np.float64(h[i, c]))
+            a[i, c] = _relu(h[i, c])
 
 
 @njit()
-def _relu_grad_rows(h, g, s, t):
+def _relu_both_rows(h, a, d, s, t):
     for i in range(s, t):
         for c in range(h.shape[1]):
-            g[i, c] = np.float64(g[i, c]) * _relu_grad(np.float64(h[i, c]))
+            v = h[i, c]
+            a[i, c] = _relu(v)
+            d[i, c] = _relu_grad(v)
 
 
 @njit()
 def _gelu_rows(h, a, s, t):
-    for i in range(s, t):
-        for c in range(h.shape[1]):
-            a[i, c] = _gelu(np.float64(h[i, c]))
+    if h.itemsize == 4:
+        for i in range(s, t):
+            for c in range(h.shape[1]):
+                a[i, c] = _gelu32(h[i, c])
+    else:
+        for i in range(s, t):
+            for c in range(h.shape[1]):
+                a[i, c] = _gelu(np.float64(h[i, c]))
 
 
 @njit()
-def _gelu_grad_rows(h, g, s, t):
-    for i in range(s, t):
-        for c in range(h.shape[1]):
-            g[i, c] = np.float64(g[i, c]) * _gelu_grad(np.float64(h[i, c]))
+def _gelu_both_rows(h, a, d, s, t):
+    if h.itemsize == 4:
+        for i in range(s, t):
+            for c in range(h.shape[1]):
+                a[i, c], d[i, c] = _gelu_both32(h[i, c])
+    else:
+        for i in range(s, t):
+            for c in range(h.shape[1]):
+                a[i, c], d[i, c] = _gelu_both(np.float64(h[i, c]))
 
 
 @njit()
 def _silu_rows(h, a, s, t):
-    for i in range(s, t):
-        for c in range(h.shape[1]):
-            a[i, c] = _silu(np.float64(h[i, c]))
+    if h.itemsize == 4:
+        for i in range(s, t):
+            for c in range(h.shape[1]):
+                a[i, c] = _silu32(h[i, c])
+    else:
+        for i in range(s, t):
+            for c in range(h.shape[1]):
+                a[i, c] = _silu(np.float64(h[i, c]))
 
 
 @njit()
-def _silu_grad_rows(h, g, s, t):
-    for i in range(s, t):
-        for c in range(h.shape[1]):
-            g[i, c] = np.float64(g[i, c]) * _silu_grad(np.float64(h[i, c]))
+def _silu_both_rows(h, a, d, s, t):
+    if h.itemsize == 4:
+        for i in range(s, t):
+            for c in range(h.shape[1]):
+                a[i, c], d[i, c] = _silu_both32(h[i, c])
+    else:
+        for i in range(s, t):
+            for c in range(h.shape[1]):
+                a[i, c], d[i, c] = _silu_both(np.float64(h[i, c]))
 
 
 @njit()
 def act_rows(h, a, s, t, code):
-    """a[s:t] = act(h[s:t]) for activation `code` (ACT_CODES), in float64 rounded once to a's dtype."""
+    """a[s:t] = act(h[s:t]) for activation `code` (ACT_CODES), in h's precision."""
     if code == 0:
         _relu_rows(h, a, s, t)
     elif code == 1:
@@ -164,14 +246,22 @@ def act_rows(h, a, s, t, code):
 
 
 @njit()
-def mul_act_grad_rows(h, g, s, t, code):
-    """g[s:t] *= act'(h[s:t]) for activation `code`, in place."""
+def act_both_rows(h, a, d, s, t, code):
+    """a[s:t] = act(h[s:t]) and d[s:t] = act'(h[s:t]) in one pass (one exp per element for gelu and silu)."""
     if code == 0:
-        _relu_grad_rows(h, g, s, t)
+        _relu_both_rows(h, a, d, s, t)
     elif code == 1:
-        _gelu_grad_rows(h, g, s, t)
+        _gelu_both_rows(h, a, d, s, t)
     else:
-        _silu_grad_rows(h, g, s, t)
+        _silu_both_rows(h, a, d, s, t)
+
+
+@njit()
+def mul_rows(g, d, s, t):
+    """g[s:t] *= d[s:t], in place."""
+    for i in range(s, t):
+        for c in range(g.shape[1]):
+            g[i, c] *= d[i, c]
 
 
 @njit()
@@ -260,23 +350,23 @@ def ffn_forward(xs, w1, b1, w2, b2, code, tiles, bins, h, a, out):
 
 # ---------------------------------------------------------------------------------------------------- backward
 @njit()
-def _tile_backward(dout, xs, h, w1, w2, code, e, s, t, g, dxs, dw1, db1, dw2, db2):
+def _tile_backward(dout, xs, h, w1, w2, code, e, s, t, g, d, dxs, dw1, db1, dw2, db2):
     """Adjoint of expert e on rows s:t, single-threaded, into dxs[s:t] and the (E-less) weight grads given.
 
     g (R, f) is scratch: first act(h), then dh. dw1 (d, f), db1 (f,), dw2 (f, d_out), db2 (d_out,).
     """
-    act_rows(h, g, s, t, code)  # a = act(h), recomputed from the saved pre-activation
+    act_both_rows(h, g, d, s, t, code)  # a = act(h) into g[s:t] and d = act'(h), from the saved pre-activation
     np.dot(g[s:t].T, dout[s:t], dw2)  # dW2 = aᵀ·dout
     column_sums(dout[s:t], db2)
     np.dot(dout[s:t], w2[e].T, g[s:t])  # g <- dout·W2ᵀ (a is no longer needed)
-    mul_act_grad_rows(h, g, s, t, code)  # dh = (dout·W2ᵀ) ⊙ act'(h)
+    mul_rows(g, d, s, t)  # dh = (dout·W2ᵀ) ⊙ act'(h)
     np.dot(xs[s:t].T, g[s:t], dw1)  # dW1 = xsᵀ·dh
     column_sums(g[s:t], db1)
     np.dot(g[s:t], w1[e].T, dxs[s:t])  # dxs = dh·W1ᵀ
 
 
 @njit(parallel=True)
-def ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, dxs, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2):
+def ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, d, dxs, dw1, db1, dw2, db2, sw1, sb1, sw2, sb2):
     """Tiles in parallel as in ffn_forward. An expert's first tile writes its weight gradients in place, later
     tiles into scratch slots sw1/sb1/sw2/sb2[slot] (reduce_slots adds them). Experts without rows stay 0."""
     for b in prange(bins.shape[0]):
@@ -285,9 +375,9 @@ def ffn_backward(dout, xs, h, w1, w2, code, tiles, bins, g, dxs, dw1, db1, dw2, 
                 break
             e, s, t, slot = tiles[q, 0], tiles[q, 1], tiles[q, 2], tiles[q, 3]
             if slot < 0:
-                _tile_backward(dout, xs, h, w1, w2, code, e, s, t, g, dxs, dw1[e], db1[e], dw2[e], db2[e])
+                _tile_backward(dout, xs, h, w1, w2, code, e, s, t, g, d, dxs, dw1[e], db1[e], dw2[e], db2[e])
             else:
-                _tile_backward(dout, xs, h, w1, w2, code, e, s, t, g, dxs, sw1[slot], sb1[slot], sw2[slot],
+                _tile_backward(dout, xs, h, w1, w2, code, e, s, t, g, d, dxs, sw1[slot], sb1[slot], sw2[slot],
                                sb2[slot])
 
 
