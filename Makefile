@@ -34,6 +34,7 @@ test: $(VENV)/.test-installed
 tutorials: $(VENV)/.tutorials-installed
 	$(PY) tutorials/build.py
 
+# about a minute; the full grid (~9 minutes): .venv/bin/tinymoe bench --shapes full
 bench: $(VENV)/.test-installed
 	$(VENV)/bin/tinymoe bench
 

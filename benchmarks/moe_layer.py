@@ -38,7 +38,7 @@ The numbers (table column -> JSON key):
 * `vs torch` (vs_torch_*): backend time / an idiomatic PyTorch CPU MoE layer (loop over experts, index_select,
   index_add_, autograd backward), same threads, when `import torch` works (never a dependency).
 * `err` (rel_err_vs_numpy): max over y, dx, dweights, dW1, dW2 of max|backend − numpy| / max|numpy|.
-* `!` after the backend (cpu_busy_by_others): other processes kept > 15 % of the CPUs busy just before some
+* `*` after the backend (cpu_busy_by_others): other processes kept > 15 % of the CPUs busy just before some
   contender of that row ran (sampled from /proc/stat during the settle pause): the row is noisy.
 * `--layer` adds the whole `tm.nn.MoE` (gate, aux losses, autodiff graph) against `tm.nn.FeedForward` on T·k
   rows: layer_ratio_* (framework overhead included) and layer_overhead_* (layer / hot-path MoE time).
@@ -100,7 +100,19 @@ MODEL_SHAPES = [Shape(4096, 512, 2048, 8, 2), Shape(2048, 256, 1024, 16, 2), Sha
                Shape(1024, 512, 1024, 64, 4)]  # the shapes docs/design.md §6 reports
 E_SWEEP = [Shape(8192, 256, 512, E, 2) for E in (4, 8, 16, 32, 64)]  # T·k = 16384 fixed: 4096..256 rows/expert
 QUICK_SHAPES = [Shape(256, 32, 64, 4, 2), Shape(128, 32, 64, 8, 2)]  # smoke test: 128 and 32 rows/expert
-SHAPE_SETS = {"quick": QUICK_SHAPES, "full": MODEL_SHAPES + [s for s in E_SWEEP if s not in MODEL_SHAPES]}
+STANDARD_SHAPES = [MODEL_SHAPES[1], MODEL_SHAPES[3]]  # 256 and 64 rows/expert: about a minute on 2 cores
+SHAPE_SETS = {"quick": QUICK_SHAPES, "standard": STANDARD_SHAPES,
+              "full": MODEL_SHAPES + [s for s in E_SWEEP if s not in MODEL_SHAPES]}  # full: ~9 minutes on 2 cores
+
+LEGEND = """columns (forward / forward+backward where a column shows two numbers):
+  rows/E     token-expert assignments per expert, T·k/E (below ~256 the layer streams E weight matrices)
+  MoE/dense  MoE layer time / the dense-equivalent FFN on the same T·k rows (1.00 = the promise of MoE)
+  /bound     MoE layer time / t_bound, the least time its FLOPs and its weight + activation bytes allow
+  dispatch%  share of the MoE time spent routing, gathering and combining (and their adjoints)
+  vs numpy   this backend's time / the NumPy reference backend's time (below 1 = faster)
+  vs torch   this backend's time / an idiomatic PyTorch MoE layer's time (empty without torch)
+  err        largest relative difference from the NumPy reference over y and every gradient
+  *          after the backend: other processes kept the CPUs busy during that row, so it is noisy"""
 
 
 # ---- the physics (docs/design.md §6) ------------------------------------------------------------------------------
@@ -430,6 +442,18 @@ def blas_threads(n):
                for lib in threadpool_info() if lib.get("user_api") == "blas"]
 
 
+def describe_blas(info) -> str:
+    """threadpoolctl's BLAS records as one readable phrase, e.g. "openblas 0.3.31 (SkylakeX kernels, 2 threads)"."""
+    parts = []
+    for lib in info:
+        if "note" in lib:
+            parts.append(lib["note"])
+            continue
+        arch = f"{lib['architecture']} kernels, " if lib.get("architecture") else ""
+        parts.append(f"{lib.get('internal_api')} {lib.get('version') or ''} ({arch}{lib.get('num_threads')} threads)")
+    return "; ".join(parts) or "none found"
+
+
 def _loadavg():
     """1-minute load average (None where the OS has none)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -542,17 +566,17 @@ def _noisy(row):
 def format_table(rows, skipped):
     """One line per backend × shape."""
     layer = any("layer_ratio_fwd" in r for r in rows)
-    head = (f"{'backend':8} {'T,d,f,E,k':22} {'rows/E':>6} {'fwd':>5} {'f+b':>5} {'fwd/tb':>6} {'f+b/tb':>6} "
-            f"{'disp%':>11} {'vs np':>11} {'vs torch':>11} {'err':>7}" + (f" {'layer fwd/f+b':>13}" if layer else ""))
+    head = (f"{'backend':8} {'T,d,f,E,k':22} {'rows/E':>6} {'MoE/dense':>11} {'/bound':>11} "
+            f"{'dispatch%':>11} {'vs numpy':>11} {'vs torch':>11} {'err':>7}"
+            + (f" {'layer/FFN':>13}" if layer else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
         def pair(key, spec=".2f", scale=1):  # "forward/forward+backward"
             return "/".join(_fmt(None if r.get(f"{key}_{m}") is None else r[f"{key}_{m}"] * scale, spec)
                             for m in ("fwd", "fwdbwd"))
 
-        line = (f"{r['backend'] + ('!' if _noisy(r) else ''):8} {r['shape']:22} {r['rows_per_expert']:6.0f} "
-                f"{r['ratio_fwd']:5.2f} {r['ratio_fwdbwd']:5.2f} "
-                f"{r['tbound_ratio_fwd']:6.2f} {r['tbound_ratio_fwdbwd']:6.2f} "
+        line = (f"{r['backend'] + ('*' if _noisy(r) else ''):8} {r['shape']:22} {r['rows_per_expert']:6.0f} "
+                f"{pair('ratio'):>11} {pair('tbound_ratio'):>11} "
                 f"{pair('dispatch_share', '.1f', 100):>11} {pair('vs_numpy'):>11} {pair('vs_torch'):>11} "
                 f"{r['rel_err_vs_numpy']:7.1e}")
         if layer:
@@ -561,7 +585,9 @@ def format_table(rows, skipped):
     for name, why in skipped.items():
         lines.append(f"{name:8} skipped: {why}")
     if any(_noisy(r) for r in rows):
-        lines.append(f"! other processes kept > {NOISY:.0%} of the CPUs busy just before some contender ran: noisy")
+        lines.append(f"* other processes kept > {NOISY:.0%} of the CPUs busy just before some contender ran: noisy")
+    lines.append(LEGEND + ("\n  layer/FFN  the whole tm.nn.MoE (gate, aux losses, autodiff) / tm.nn.FeedForward on T·k rows"
+                           if layer else ""))
     return "\n".join(lines)
 
 
@@ -618,8 +644,10 @@ def build_parser():
                         help="backend to time (repeatable; default: every available one)")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write the results as a JSON list of dicts to PATH ('-' or no PATH: stdout)")
-    parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="full",
-                        help="quick: two small shapes (smoke test); full: the four reference shapes and an E sweep")
+    parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="standard",
+                        help="standard (default, about a minute): one shape at 256 and one at 64 rows per expert; "
+                             "quick: two small shapes (smoke test); full (~9 minutes): the four reference shapes and "
+                             "an E sweep")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per contender (default 5; quick: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (JIT compile, page faults)")
     parser.add_argument("--threads", type=int, default=None,
@@ -660,7 +688,8 @@ def main(argv=None) -> int:
     with blas_threads(threads) as blas_info:
         copy_bw = measure_copy_bandwidth()
         machine = machine_info(threads, blas_info)
-        _log(f"threads={threads} BLAS={blas_info} copy bandwidth={copy_bw / 1e9:.1f} GB/s torch={torch_on}")
+        _log(f"{threads} threads; BLAS: {describe_blas(blas_info)}; copy bandwidth {copy_bw / 1e9:.1f} GB/s; "
+             f"PyTorch comparison {'on' if torch_on else 'off'}")
         if (machine["cpu_busy_by_others_start"] or 0) > 0.1:
             _log(f"warning: {machine['cpu_busy_by_others_start']:.0%} of the CPUs were busy with other processes "
                  "before starting: timings will be noisy")

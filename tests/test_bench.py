@@ -106,6 +106,28 @@ def test_targets_summary_and_table(quick_results):
     assert bench.targets_summary(rows).startswith("targets [numpy]")
 
 
+def test_every_column_of_the_table_has_a_legend_line(quick_results):
+    """A reader of `make bench` finds each column's meaning under the table, without the source."""
+    _, rows = quick_results
+    table = bench.format_table(rows, {})
+    head = table.splitlines()[0]
+    for column in ("rows/E", "MoE/dense", "/bound", "dispatch%", "vs numpy", "vs torch", "err"):
+        assert column in head
+        assert any(line.strip().startswith(column) for line in table.splitlines()[2:]), f"no legend for {column}"
+
+
+def test_make_bench_is_quick_by_default():
+    """The default grid takes about a minute (two shapes); the ~9-minute grid is behind --shapes full."""
+    assert bench.build_parser().parse_args([]).shapes == "standard"
+    assert len(bench.SHAPE_SETS["standard"]) == 2 < len(bench.SHAPE_SETS["full"])
+    assert {s.rows_per_expert for s in bench.SHAPE_SETS["standard"]} == {256, 64}
+
+
+def test_blas_is_described_in_words():
+    info = [{"internal_api": "openblas", "version": "0.3.31", "num_threads": 2, "architecture": "SkylakeX"}]
+    assert bench.describe_blas(info) == "openblas 0.3.31 (SkylakeX kernels, 2 threads)"
+
+
 @pytest.mark.parametrize("name", ["gelu", "relu", "silu"])
 def test_dense_activation_matches_library(name):
     """The dense yardstick computes the same activation as tinymoe.activations (only faster)."""
