@@ -508,7 +508,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(tiny, tmp_path, m
         def __exit__(self, *exc):
             return self.f.__exit__(*exc)
 
-    real_write_atomic = ckpt._write_atomic
+    real_write_atomic = ckpt.write_atomic
 
     def write_atomic(path, data):
         if path.endswith(".safetensors"):
@@ -520,13 +520,13 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(tiny, tmp_path, m
         finally:
             monkeypatch.setattr(os, "fdopen", real_fdopen)
 
-    monkeypatch.setattr(ckpt, "_write_atomic", write_atomic)
+    monkeypatch.setattr(ckpt, "write_atomic", write_atomic)
     run = tmp_path / "r"
     code, err = cli("train", "--config", tiny, "--run-dir", run, "--quiet")
     assert_clean_error(code, err, "train", "No space left on device", "--resume")
     assert ckpt.load_checkpoint(run / "checkpoint.safetensors").train_state["step"] == 3
     assert not [p for p in os.listdir(run) if ".tmp" in p]
-    monkeypatch.setattr(ckpt, "_write_atomic", real_write_atomic)
+    monkeypatch.setattr(ckpt, "write_atomic", real_write_atomic)
     code, err = cli("train", "--config", tiny, "--run-dir", run, "--quiet", "--resume")
     assert code == 0, err
     code, err = cli("train", "--config", tiny, "--run-dir", tmp_path / "ref", "--quiet")

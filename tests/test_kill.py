@@ -70,7 +70,7 @@ count, armed = {"ckpt": 0, "metrics": 0}, {"on": False}
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-real_write_atomic, real_fdopen, real_fsync = C._write_atomic, os.fdopen, os.fsync
+real_write_atomic, real_fdopen, real_fsync = C.write_atomic, os.fdopen, os.fsync
 
 def write_atomic(path, data):
     if path.endswith(".safetensors"):
@@ -114,7 +114,7 @@ def append_record(f, record):
         die()
     real_append(f, record)
 
-C._write_atomic, os.fdopen, os.fsync, T._append_record = write_atomic, fdopen, fsync, append_record
+C.write_atomic, os.fdopen, os.fsync, T._append_record = write_atomic, fdopen, fsync, append_record
 args = ["train", "--config", config, "--run-dir", run_dir, "--quiet"] + sys.argv[5:]
 sys.exit(main(args))
 '''

@@ -1,14 +1,16 @@
 """tinymoe: a small, readable Mixture-of-Experts library on a from-scratch NumPy autodiff.
 
     import tinymoe as tm
-    x = tm.Tensor(np.random.randn(4, 8), requires_grad=True)
+    x = tm.Tensor(np.random.randn(4, 8).astype(np.float32), requires_grad=True)
     moe = tm.nn.MoE(d_model=8, d_ff=16, num_experts=4, gate="top_k", k=2)
+    y = moe(x)                                    # (4, 8)
 
 Map, in import order (each module imports only those before it; tests/test_imports.py holds it so):
 arrays.py, activations.py (raw-array math) · engine.py (autodiff: `Tensor`) · functional.py (ops) ·
 dispatch.py (the MoE hot path, NumPy reference) and backends/ (its accelerated twins) · moe_ops.py (their
 gradients) · gates.py, losses.py · nn/ (modules, routers, the MoE layer, multi-task models) · model.py ·
-checkpoint.py (save / load) · train.py (fit / evaluate) · config.py, runs.py · cli.py (the `tinymoe` command).
+distributed/ (expert parallelism on MPI) · checkpoint.py (save / load), interop.py (PyTorch state_dicts) ·
+train.py (fit / evaluate) · config.py, config_docs.py, plots.py, runs.py · cli.py (the `tinymoe` command).
 experiments/ sits above them all and nothing in the library imports it. The design is written out in
 docs/design.md; benchmarks/ (beside the package) measures it.
 

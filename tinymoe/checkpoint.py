@@ -305,7 +305,7 @@ def _optimizer_hparams(optimizer):
     return hparams
 
 
-def _write_atomic(path: str, data: bytes):
+def write_atomic(path: str, data: bytes):
     """Write `data` to `path` via a temporary file in the same directory + os.replace (see the module docstring)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -383,7 +383,7 @@ def save(path, model, optimizer=None, train_state=None, extra_tensors=None):
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "model": model_meta,
                 "optimizer": _dumps(optim_meta), "train_state": state_json, "tinymoe_version": str(__version__)}
     metadata["sha256"] = _checksum(tensors, metadata)
-    _write_atomic(path, safetensors.numpy.save(tensors, metadata=metadata))
+    write_atomic(path, safetensors.numpy.save(tensors, metadata=metadata))
     return path
 
 

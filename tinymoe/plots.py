@@ -15,7 +15,6 @@ matplotlib is only needed to draw (pip install 'tinymoe[plot]'); reading the met
 from __future__ import annotations
 
 import json
-import contextlib
 import os
 
 import numpy as np
@@ -33,18 +32,17 @@ def _pyplot():
 
 
 def save_figure(fig, path) -> str:
-    """Save `fig` as a PNG atomically (render beside it, then rename: a reader never sees half a file) and close it."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp.png")
+    """Save `fig` as a PNG atomically (as every file of a run: a reader never sees half a file) and close it."""
+    import io
+
+    from .checkpoint import write_atomic
+
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+        fig.savefig(buf, format="png", dpi=110)
     finally:
         _pyplot().close(fig)
+    write_atomic(path, buf.getvalue())
     return path
 
 
@@ -64,8 +62,15 @@ def read_metrics(run_dir) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; pass a run folder written by `tinymoe train`")
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                break  # the half-written last line of a run killed mid-write (a resume cuts it)
+            try:
+                records.append(json.loads(line)) if line.strip() else None
+            except ValueError as e:
+                raise ValueError(f"{path} line {number} is not a JSON record ({e}); the file is damaged") from None
     if not records:
         raise ValueError(f"{path} is empty: the run logged no eval step yet (eval_every is larger than its steps?)")
     return records
@@ -137,9 +142,9 @@ def curves_figure(records, metric="accuracy", title=""):
             ax.plot([p[0] for p in pts], load[:, e], color=cmap(e % cmap.N), lw=1, label=f"expert {e}")
         ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
         gates = all("dropped" not in r for r in records)  # a multi-gate model: dense gate weights, no dispatch
-        title, ylabel = (("mean gate weight per expert (over tasks)", "mean gate weight") if gates else
+        panel, ylabel = (("mean gate weight per expert (over tasks)", "mean gate weight") if gates else
                          (f"expert load f_i, MoE layer {i}", "share of assignments"))
-        ax.set(title=title, xlabel="step", ylabel=ylabel,
+        ax.set(title=panel, xlabel="step", ylabel=ylabel,
                ylim=(0, max(float(load.max()) * 1.1, 2 / E)))
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over
     for j in range(layers, (nrows - 1) * ncols):
@@ -203,7 +208,7 @@ def routing_tables(model, data, batch_size=512) -> dict:
 
 
 def format_routing(tables) -> str:
-    """The routing tables (tinymoe.runs.routing_tables) as aligned text: full task names, one column per expert."""
+    """The routing tables (routing_tables) as aligned text: full task names, one column per expert."""
     lines = []
     width = max([len("all (load f_i)")] + [len(name) for name in tables["tasks"]])
     for i, (share, load) in enumerate(zip(tables["layers"], tables["expert_load"])):

@@ -207,9 +207,9 @@ def remove_stale_temp_files(run_dir):
 
 def write_json(path, value):
     """Write JSON atomically (temporary file + rename): a reader sees the old file or the new one, never half."""
-    from .checkpoint import _write_atomic
+    from .checkpoint import write_atomic
 
-    _write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
 def read_json(path, what) -> dict:

@@ -319,7 +319,11 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
         if parallel is not None:
             parallel.sync_gradients()
         clip = O.clip_grad_norm if parallel is None else (lambda _, norm: parallel.clip_grad_norm(norm))
-        grad_norm = clip(model.parameters(), optim.grad_clip) if optim.grad_clip else None
+        try:
+            grad_norm = clip(model.parameters(), optim.grad_clip) if optim.grad_clip else None
+        except FloatingPointError as e:  # a finite loss with an inf/NaN gradient: diverged all the same
+            raise TrainingDiverged(f"fit: {e} at step {step} (lr {opt.lr:.3g}); lower the lr, or check the data for "
+                                   "NaNs") from None
         opt.step()
         state.step += 1
         state.loss_sum, state.loss_count = state.loss_sum + task_value, state.loss_count + 1
@@ -355,13 +359,19 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
             if log:
                 log(_format_record(record))
             if ckpt_path and (stop or last or (optim.checkpoint_every and state.step % optim.checkpoint_every == 0)):
-                if metrics_file:  # the records up to the checkpoint are on disk before it is
-                    os.fsync(metrics_file.fileno())
-                _save(ckpt_path, model, opt, batches, state, best["weights"], parallel)
+                _checkpoint(ckpt_path, metrics_file, model, opt, batches, state, best["weights"], parallel)
             if stop:
                 break
         elif ckpt_path and optim.checkpoint_every and state.step % optim.checkpoint_every == 0:
-            _save(ckpt_path, model, opt, batches, state, best["weights"], parallel)
+            _checkpoint(ckpt_path, metrics_file, model, opt, batches, state, best["weights"], parallel)
+
+
+def _checkpoint(ckpt_path, metrics_file, *save_args):
+    """Save the checkpoint once every metrics record it covers is on disk (fsync first: a crash never leaves a
+    checkpoint ahead of its metrics)."""
+    if metrics_file:
+        os.fsync(metrics_file.fileno())
+    _save(ckpt_path, *save_args)
 
 
 def _append_record(f, record):

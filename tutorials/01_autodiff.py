@@ -116,7 +116,7 @@ print("our loss:", float(loss.data))
 # %% [markdown]
 # ## The same with `tm.Tensor`
 #
-# `tm.Tensor` has the same design (see `tinymoe/tensor.py`: each op with its gradient right below it) plus
+# `tm.Tensor` has the same design (see `tinymoe/engine.py`: each op with its gradient right below it) plus
 # broadcasting, indexing, reductions and a `no_grad` mode. float64 inputs stay float64.
 
 # %%

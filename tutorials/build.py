@@ -36,6 +36,10 @@ def main(argv):
         if not scripts:
             raise SystemExit(f"no tutorial starts with {argv}; the tutorials are {[s.name for s in HERE.glob('[0-9]*.py')]}")
     for script in scripts:
+        if "mpiexec -n" in script.read_text():  # several processes: a notebook kernel is one, so run it in a terminal
+            print(f"{script.relative_to(HERE.parent)}: skipped (it runs on several MPI ranks: "
+                  f"mpiexec -n 2 python {script.relative_to(HERE.parent)})")
+            continue
         start = time.perf_counter()
         target = build(script)
         print(f"{target.relative_to(HERE.parent)}  ({time.perf_counter() - start:.0f} s)")
