@@ -21,7 +21,8 @@ from .moe import GATE_SPECS, Experts, GateInputs, check_k, init_dselect_k_
 
 
 class Tower(Module):
-    """One task's tower: Linear(d_in, hidden) -> ReLU -> Linear(hidden, out_dim) (MMoE, Ma et al. 2018)."""
+    """Linear(d_in, hidden) -> ReLU -> Linear(hidden, out_dim): one task's tower (MMoE, Ma et al. 2018), and
+    one expert of CGC / PLE (nn/ple.py)."""
 
     def __init__(self, d_in, hidden, out_dim, rng, dtype):
         self.fc1 = Linear(d_in, hidden, seed=rng, dtype=dtype)

@@ -37,17 +37,7 @@ from .. import functional as F
 from ..engine import Tensor, stack
 from .layers import Linear
 from .module import Module, ModuleList, init_config, make_rng
-
-
-class ExpertMLP(Module):
-    """Linear(d_in, d_hidden) -> ReLU -> Linear(d_hidden, d_out): one expert (or, with out_dim, one tower)."""
-
-    def __init__(self, d_in, d_hidden, d_out, rng, dtype):
-        self.fc1 = Linear(d_in, d_hidden, seed=rng, dtype=dtype)
-        self.fc2 = Linear(d_hidden, d_out, seed=rng, dtype=dtype)
-
-    def forward(self, x):
-        return self.fc2(self.fc1(x).relu())
+from .multitask import Tower  # Linear -> ReLU -> Linear: each expert, and each task's tower
 
 
 def _mix(weights, outputs):
@@ -62,9 +52,9 @@ class ExtractionLevel(Module):
 
     def __init__(self, d_in, d_hidden, d_expert, num_tasks, num_task_experts, num_shared_experts, last, rng, dtype):
         self.num_tasks, self.m_k, self.m_s, self.last = num_tasks, num_task_experts, num_shared_experts, last
-        self.task_experts = ModuleList([ModuleList([ExpertMLP(d_in, d_hidden, d_expert, rng, dtype)
+        self.task_experts = ModuleList([ModuleList([Tower(d_in, d_hidden, d_expert, rng, dtype)
                                                     for _ in range(num_task_experts)]) for _ in range(num_tasks)])
-        self.shared_experts = ModuleList([ExpertMLP(d_in, d_hidden, d_expert, rng, dtype)
+        self.shared_experts = ModuleList([Tower(d_in, d_hidden, d_expert, rng, dtype)
                                           for _ in range(num_shared_experts)])
         # W_g^k ∈ R^{(m_k + m_s) × d}: task k's own experts first, then the shared ones
         self.task_gates = ModuleList([Linear(d_in, num_task_experts + num_shared_experts, seed=rng, dtype=dtype)
@@ -114,7 +104,7 @@ class PLE(Module):
         self.levels = ModuleList([
             ExtractionLevel(d_in if j == 0 else d_expert, h, d_expert, num_tasks, num_task_experts,
                             num_shared_experts, j == num_levels - 1, rng, dtype) for j in range(num_levels)])
-        self.towers = ModuleList([ExpertMLP(d_expert, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
+        self.towers = ModuleList([Tower(d_expert, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
         self.expert_names = [f"t{k}.e{i}" for k in range(num_tasks) for i in range(num_task_experts)] + \
                             [f"shared.e{i}" for i in range(num_shared_experts)]
         self.aux_losses: dict = {}  # no auxiliary loss: dense softmax gates need no balancing
