@@ -211,3 +211,16 @@ def test_cli_experts_not_divisible_is_a_clear_error(tmp_path):
     assert run.returncode != 0
     assert "num_experts=6 cannot be split evenly over 4 ranks" in run.stderr
     assert not (tmp_path / "bad" / "config.json").exists()
+
+
+@needs_mpi
+def test_a_bad_config_under_mpiexec_is_the_cli_one_line_error(tmp_path):
+    """The same error path as one process: one line naming the problem and the fix, exit status 2, no traceback
+    (TINYMOE_DEBUG=1 shows it), and no run folder left behind."""
+    run = mpiexec(2, *_tinymoe(), "train", "--set", "model.n_heads=3", "--run-dir", tmp_path / "r", timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "tinymoe train: error: [model] ModelConfig: d_model=32 must be divisible by n_heads=3" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "r").exists()
+    debug = mpiexec(2, *_tinymoe(), "train", "--set", "model.n_heads=3", timeout=120, env={"TINYMOE_DEBUG": "1"})
+    assert debug.returncode == 2 and "Traceback" in debug.stderr

@@ -27,11 +27,17 @@ def _train(args) -> int:
     if launched_by_mpi():  # distributed hook: `mpiexec -n P tinymoe train ...` spreads the experts over P ranks
         from .distributed.run import train_cli
 
-        return train_cli(args, _print_test)
+        return train_cli(args, _report, describe_error)
 
     cfg = load_config(args.config, args.set)
     result = train_run(cfg, run_dir=args.run_dir, log=(lambda *a: None) if args.quiet else print,
                        progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
+    _report(result, cfg)
+    return 0
+
+
+def _report(result, cfg):
+    """What `tinymoe train` prints at the end (one process or the root of an MPI job)."""
     _print_test(result["test"], cfg=cfg)
     print(f"\nrun folder: {result['dir']}  (metrics.jsonl, checkpoint.safetensors, results.json)")
     if result.get("curves"):
@@ -41,7 +47,6 @@ def _train(args) -> int:
     else:
         print("routing plot: none (the model has no MoE layer, or matplotlib is missing: pip install 'tinymoe[plot]')")
     print(f"next: tinymoe eval {result['dir']}   |   tinymoe routes {result['dir']}   |   tinymoe plot {result['dir']}")
-    return 0
 
 
 def _print_test(test, split="test", cfg=None):

@@ -276,6 +276,7 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         model = build_model(cfg, splits["train"])  # before anything is written: a bad [model] leaves no folder
     except (ValueError, TypeError) as e:
         raise ConfigError(f"[model] {e}") from None
+    num_parameters = model.num_parameters()  # (counted before expert parallelism leaves each rank a share)
     parallel = None
     if comm is not None:  # distributed hook: shard the experts (a bad layout fails here, before any write)
         from .distributed import ExpertParallel
@@ -291,8 +292,8 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
                                   f"settings (tinymoe train --config {config_path} --run-dir {run_dir} --resume)")
     if parallel is not None and not parallel.is_root:  # distributed hook: the root owns the folder; wait for it
         run_dir = comm.bcast(None, root=0)
-        return _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate,
-                             parallel)
+        return _train_locked(cfg, run_dir, splits, model, num_parameters, backend, log, progress, resume, overwrite,
+                             fit, evaluate, parallel)
 
     created = run_dir is None or not os.path.exists(run_dir)
     if run_dir is None:
@@ -308,8 +309,8 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     try:
         if parallel is not None:
             comm.bcast(run_dir, root=0)
-        return _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate,
-                             parallel)
+        return _train_locked(cfg, run_dir, splits, model, num_parameters, backend, log, progress, resume, overwrite,
+                             fit, evaluate, parallel)
     except BaseException:
         ckpt = os.path.join(run_dir, "checkpoint.safetensors")
         if not resume and not os.path.exists(ckpt):  # nothing worth keeping: leave no half-written run behind
@@ -324,7 +325,8 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         lock.__exit__()
 
 
-def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, overwrite, fit, evaluate, parallel):
+def _train_locked(cfg, run_dir, splits, model, num_parameters, backend, log, progress, resume, overwrite, fit,
+                  evaluate, parallel):
     """Train into run_dir (locked by the caller). With `parallel` (expert parallelism) every rank trains and only
     the root touches the folder."""
     from .train import TrainingDiverged
@@ -346,7 +348,7 @@ def _train_locked(cfg, run_dir, splits, model, backend, log, progress, resume, o
     from_checkpoint = resume and os.path.exists(ckpt_path)  # killed before the first checkpoint: start over
     try:
         with backends.use_backend(backend):
-            log(f"run {run_dir}: {type(model).__name__}, {model.num_parameters():,} parameters, backend {backend}, "
+            log(f"run {run_dir}: {type(model).__name__}, {num_parameters:,} parameters, backend {backend}, "
                 f"{len(splits['train'])} training examples, {splits['train'].num_tasks} tasks"
                 + (", resumed" if from_checkpoint else ""))
             history = fit(model, splits["train"], splits["val"], optim, run_dir=run_dir, resume=from_checkpoint,

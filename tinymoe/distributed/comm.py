@@ -55,24 +55,28 @@ def check_layout(num_experts, size, where="expert parallelism"):
 
 
 @contextlib.contextmanager
-def abort_on_error(comm=None):
-    """Any exception on any rank ends the whole job: the rank prints its traceback, then calls MPI Abort.
+def abort_on_error(comm=None, describe=None, prefix="tinymoe"):
+    """Any exception on any rank ends the whole job: the rank prints what failed, then calls MPI Abort.
 
     Without this, the other ranks would wait forever in their next collective for a rank that has died (MPI
-    collectives have no timeout). A clean `sys.exit(0)` passes through."""
+    collectives have no timeout). A clean `sys.exit(0)` passes through. `describe(e)` (the CLI's one-line
+    description of an error) replaces the traceback unless TINYMOE_DEBUG=1; user mistakes (ValueError,
+    ImportError) print their message. The job exits with status 2, as a failed single-process command does."""
     try:
         yield
     except BaseException as e:
         if isinstance(e, SystemExit) and e.code in (0, None):
             raise
         comm = comm if comm is not None else world()
-        if isinstance(e, (ValueError, ImportError)):  # a user's mistake: the message says what to change
-            text = f"tinymoe: error: {e}\n"
-        else:
+        rank, size = comm.Get_rank(), comm.Get_size()
+        debug = os.environ.get("TINYMOE_DEBUG", "").strip() not in ("", "0")
+        if debug or (describe is None and not isinstance(e, (ValueError, ImportError))):
             text = traceback.format_exc()
-        text += f"tinymoe: rank {comm.Get_rank()} of {comm.Get_size()} failed ({type(e).__name__}); aborting the MPI job\n"
+        else:
+            text = f"{prefix}: error: {describe(e) if describe is not None else e}\n"
+        text += f"{prefix}: rank {rank} of {size} failed ({type(e).__name__}); aborting the MPI job\n"
         sys.stderr.flush()
         os.write(sys.stderr.fileno(), text.encode())  # one write, so the launcher forwards it whole
         time.sleep(0.5)  # Abort kills every rank at once: give mpiexec time to forward the message first
-        comm.Abort(1)
+        comm.Abort(2)
         raise  # (Abort does not return; this is in case an MPI library lets it)

@@ -12,13 +12,15 @@ from __future__ import annotations
 from .comm import abort_on_error, world
 
 
-def train_cli(args, print_test) -> int:
+def train_cli(args, report, describe) -> int:
+    """`tinymoe train` on every rank: `report(result, cfg)` prints the summary on the root, `describe(e)` turns an
+    error into the CLI's one line (the job then aborts with status 2)."""
     from ..config import load_config
     from ..runs import train_run
 
     comm = world()
     root = comm.Get_rank() == 0
-    with abort_on_error(comm):
+    with abort_on_error(comm, describe, prefix="tinymoe train"):
         cfg = load_config(args.config, args.set)
         quiet = args.quiet or not root
         if root and not args.quiet:
@@ -27,10 +29,5 @@ def train_cli(args, print_test) -> int:
         result = train_run(cfg, run_dir=args.run_dir, log=(lambda *a: None) if quiet else print, progress=not quiet,
                            resume=args.resume, overwrite=args.overwrite, comm=comm)
         if root:
-            print_test(result["test"])
-            print(f"\nrun folder: {result['dir']}  (metrics.jsonl, checkpoint.safetensors with every expert, "
-                  f"results.json)")
-            if result["plot"]:
-                print(f"routing plot: {result['plot']}")
-            print(f"next: tinymoe eval {result['dir']}   |   tinymoe routes {result['dir']}")
+            report(result, cfg)
     return 0
