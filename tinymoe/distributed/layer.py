@@ -19,8 +19,8 @@ single-process layer on the global batch, so each expert's GEMM sees the same ma
 through the autodiff (`ops.py`). The auxiliary losses use global statistics (one Allreduce each), and capacity is
 global per expert (the single-process definition) or per rank (GShard's groups): docs/distributed.md.
 
-Everything here that depends on the internals of `tinymoe.nn.MoE` (its routing helpers and attributes) is in
-`ExpertParallelMoE.forward` and `_aux_losses_global`.
+`tinymoe.nn.MoE.forward` runs unchanged; `ExpertParallelMoE` overrides its three steps that differ across ranks:
+`_capacity_keep` (global statistics, global or per-rank capacity), `_mixture` (the all-to-alls) and `_aux_losses`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from .. import dispatch as D
 from .. import functional as F
 from ..moe_ops import RoutingPlan, combine, grouped_ffn, plan_routing
 from ..moe_ops import gather as gather_rows
-from ..nn.moe import MoE, RoutingStats
+from ..nn.moe import MoE
 from ..engine import Tensor
 from .comm import mpi
 from .ops import all_to_all, allreduce_sum, permute_rows
@@ -83,43 +83,22 @@ class ExpertParallelMoE(MoE):
     first_expert = 0
     capacity_scope = "global"
 
-    def forward(self, x, task_ids=None, token_ids=None):
-        c = self.config
-        x = x if isinstance(x, Tensor) else Tensor(x)
-        if x.shape[-1] != c.d_model or x.ndim not in (2, 3):
-            raise ValueError(f"MoE: x must be (N, {c.d_model}) or (B, T, {c.d_model}), got {x.shape}")
-        lead = x.shape[:-1]
-        tokens = x.reshape(-1, c.d_model)  # (N, d) this rank's tokens
-        task_tok = self._token_task_ids(task_ids, lead)
-        routing = self._route(tokens, task_tok, token_ids)
+    # MoE.forward runs as on one process; these three steps are where expert parallelism differs.
 
-        chosen = np.ones(routing.expert_idx.shape, bool) if routing.keep is None else routing.keep
-        # one Allreduce: the global batch size and the gate's choices per expert (load balance, capacity)
-        stats = np.append(np.bincount(routing.expert_idx[chosen], minlength=self.num_experts), tokens.shape[0])
-        stats = stats.astype(np.int64)
+    def _capacity_keep(self, routing, chosen):
+        """One Allreduce of the global batch size and the gate's choices per expert (for the aux losses and
+        capacity), then the capacity drops. "rank": C = ⌈c·T_r·k/E⌉ per rank, each rank serving its own queue
+        (GShard's groups). "global": C = ⌈c·N·k/E⌉ per expert over the global batch, served slot-major and in global
+        token order (or by weight) — exactly the single-process layer on the concatenated batch; needs the routing of
+        every rank."""
+        stats = np.append(np.bincount(routing.expert_idx[chosen], minlength=self.num_experts),
+                          routing.expert_idx.shape[0]).astype(np.int64)
         self.comm.Allreduce(mpi().IN_PLACE, stats)
-        chosen_global, n_global = stats[:-1], int(stats[-1])
-        keep = chosen
-        if c.capacity_factor is not None and self.spec.capacity == "drop":
-            keep = self._capacity_keep(routing, chosen, n_global)
-        y, plan, recv_counts = expert_parallel_mixture(tokens, routing.expert_idx, routing.weights, keep, self.experts,
-                                                       self.num_experts, self.comm, c.activation)
-        for ffn in self.shared:
-            y = y + ffn(tokens)
-
-        self.aux_losses = self._aux_losses_global(routing, chosen_global, tokens.shape[0], n_global)
-        E = self.num_experts
-        self.last_routing = RoutingStats(
-            routing.expert_idx, np.asarray(routing.weights.numpy()), keep, chosen, np.asarray(plan.counts),
-            np.bincount(routing.expert_idx[chosen & ~keep], minlength=E), task_tok, E)
-        self.last_received = recv_counts  # (P, E/P): rows each rank sent to each of my experts
-        return y.reshape(*lead, -1)
-
-    def _capacity_keep(self, routing, chosen, n_global):
-        """Capacity drops. "rank": C = ⌈c·T_r·k/E⌉ per rank, each rank serving its own queue (GShard's groups).
-        "global": C = ⌈c·N·k/E⌉ per expert over the global batch, served slot-major and in global token order (or by
-        weight) — exactly the single-process layer on the concatenated batch; needs the routing of every rank."""
-        be, factor = backends.backend_module(), self.config.capacity_factor
+        self._chosen_global, self._n_global = stats[:-1], int(stats[-1])
+        factor = self.config.capacity_factor
+        if factor is None or self.spec.capacity != "drop":
+            return chosen
+        be = backends.backend_module()
         priority = routing.weights.data if self.config.priority == "weight" else None
         if self.capacity_scope == "rank":
             C = D.capacity(factor, routing.expert_idx.shape[0], self.k, self.num_experts)
@@ -128,10 +107,20 @@ class ExpertParallelMoE(MoE):
         idx_all = _allgather_rows(routing.expert_idx.astype(np.int64), sizes, self.comm)
         chosen_all = _allgather_rows(chosen.astype(np.uint8), sizes, self.comm).astype(bool)
         prio_all = None if priority is None else _allgather_rows(np.asarray(priority), sizes, self.comm)
-        C = D.capacity(factor, n_global, self.k, self.num_experts)
+        C = D.capacity(factor, self._n_global, self.k, self.num_experts)
         keep_all = be.capacity_keep(idx_all, self.num_experts, C, prio_all, chosen_all)
         start = sum(sizes[: self.comm.Get_rank()])
         return np.ascontiguousarray(keep_all[start : start + routing.expert_idx.shape[0]])
+
+    def _mixture(self, tokens, routing, keep):
+        """The experts' part over the ranks: all-to-all there, the local experts, all-to-all back, combine."""
+        y, plan, recv_counts = expert_parallel_mixture(tokens, routing.expert_idx, routing.weights, keep, self.experts,
+                                                       self.num_experts, self.comm, self.config.activation)
+        self.last_received = recv_counts  # (P, E/P): rows each rank sent to each of my experts
+        return y, np.asarray(plan.counts)
+
+    def _aux_losses(self, routing, chosen):
+        return self._aux_losses_global(routing, self._chosen_global, routing.expert_idx.shape[0], self._n_global)
 
     def _aux_losses_global(self, routing, chosen_global, n_local, n_global) -> dict:
         """The layer's auxiliary losses on the global batch (Fedus et al. 2022 eq. 4; Zoph et al. 2022 eq. 5).

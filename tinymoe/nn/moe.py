@@ -276,7 +276,7 @@ class MoE(Module):
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, x, task_ids=None, token_ids=None):
-        c, spec = self.config, self.spec
+        c = self.config
         x = x if isinstance(x, Tensor) else Tensor(x)
         if x.shape[-1] != c.d_model or x.ndim not in (2, 3):
             raise ValueError(f"MoE: x must be (N, {c.d_model}) or (B, T, {c.d_model}), got {x.shape}")
@@ -286,22 +286,33 @@ class MoE(Module):
         routing = self._route(tokens, task_tok, token_ids)
 
         chosen = np.ones(routing.expert_idx.shape, bool) if routing.keep is None else routing.keep  # (N, k_slots)
-        keep = chosen
-        if c.capacity_factor is not None and spec.capacity == "drop":
-            C = reference.capacity(c.capacity_factor, tokens.shape[0], c.k, c.num_experts)
-            priority = routing.weights.data if c.priority == "weight" else None
-            keep = backends.backend_module().capacity_keep(routing.expert_idx, c.num_experts, C, priority, chosen)
-        y, plan = sparse_mixture(tokens, routing.expert_idx, routing.weights, keep, self.experts, c.num_experts,
-                                 c.activation)  # (N, d)
+        keep = self._capacity_keep(routing, chosen)  # (N, k_slots) the assignments computed
+        y, counts = self._mixture(tokens, routing, keep)  # (N, d), (E,)
         for ffn in self.shared:
             y = y + ffn(tokens)
 
         self.aux_losses = self._aux_losses(routing, chosen)
         E = c.num_experts
         self.last_routing = RoutingStats(
-            routing.expert_idx, np.asarray(routing.weights.numpy()), keep, chosen, np.asarray(plan.counts),
+            routing.expert_idx, np.asarray(routing.weights.numpy()), keep, chosen, counts,
             np.bincount(routing.expert_idx[chosen & ~keep], minlength=E), task_tok, E)
         return y.reshape(*lead, -1)
+
+    def _capacity_keep(self, routing: gates.Routing, chosen):
+        """Capacity mode: each expert computes at most C = ⌈c·N·k/E⌉ of the chosen assignments (docs/design.md §3)."""
+        c = self.config
+        if c.capacity_factor is None or self.spec.capacity != "drop":
+            return chosen
+        C = reference.capacity(c.capacity_factor, routing.expert_idx.shape[0], c.k, c.num_experts)
+        priority = routing.weights.data if c.priority == "weight" else None
+        return backends.backend_module().capacity_keep(routing.expert_idx, c.num_experts, C, priority, chosen)
+
+    def _mixture(self, tokens, routing: gates.Routing, keep):
+        """y = Σ_j w_j · FFN_{e_j}(x) over the kept assignments, on the current backend; returns (y, counts (E,))."""
+        c = self.config
+        y, plan = sparse_mixture(tokens, routing.expert_idx, routing.weights, keep, self.experts, c.num_experts,
+                                 c.activation)  # (N, d)
+        return y, np.asarray(plan.counts)
 
     def _route(self, tokens, task_tok, token_ids) -> gates.Routing:
         """The gate's routing of tokens (N, d): router output h, then GATE_SPECS[gate].route."""
