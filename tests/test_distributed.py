@@ -130,6 +130,10 @@ def test_unsupported_layers_are_errors_before_any_communication():
         ExpertParallel(tm.nn.MoE(8, 8, 4, gate="expert_choice"), NoCommunication(2))
     with pytest.raises(ValueError, match="MultiGateMoE"):
         ExpertParallel(tm.nn.MultiGateMoE(8, 4, 4, num_tasks=2), NoCommunication(2))
+    with pytest.raises(ValueError, match="PLE weighs every expert"):  # one rule for every dense multi-task model
+        ExpertParallel(tm.nn.PLE(8, 4, 2, num_task_experts=1, num_shared_experts=2), NoCommunication(2))
+    with pytest.raises(ValueError, match="SharedBottom has no tm.nn.MoE layer"):
+        ExpertParallel(tm.nn.SharedBottom(8, 4, 2), NoCommunication(2))
     with pytest.raises(ValueError, match="capacity_scope"):
         ExpertParallel(tm.nn.MoE(8, 8, 4), NoCommunication(2), capacity_scope="per_group")
 

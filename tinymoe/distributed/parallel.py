@@ -19,7 +19,7 @@ import contextlib
 
 import numpy as np
 
-from ..nn import MoE, MultiGateMoE
+from ..nn import CGC, PLE, MoE, MultiGateMoE
 from .comm import check_layout, mpi, world
 from .layer import CAPACITY_SCOPES, ExpertParallelMoE
 
@@ -40,9 +40,13 @@ class ExpertParallel:
         if capacity_scope not in CAPACITY_SCOPES:
             raise ValueError(f"ExpertParallel: capacity_scope must be one of {CAPACITY_SCOPES}, got {capacity_scope!r}")
         layers = [m for m in model.modules() if isinstance(m, MoE)]
-        if any(isinstance(m, MultiGateMoE) for m in model.modules()):
-            raise ValueError("ExpertParallel: MultiGateMoE (MMoE / DSelect-k towers) is not expert-parallel; "
-                             "expert parallelism shards the token-routed tm.nn.MoE layers of a transformer")
+        dense_multitask = [type(m).__name__ for m in model.modules() if isinstance(m, (MultiGateMoE, CGC, PLE))]
+        if dense_multitask or not layers:
+            why = (f"{dense_multitask[0]} weighs every expert for every example" if dense_multitask else
+                   f"{type(model).__name__} has no tm.nn.MoE layer")
+            raise ValueError(f"ExpertParallel: {why}, so there is nothing to spread over ranks. Expert parallelism "
+                             "shards the token-routed tm.nn.MoE layers of a transformer (MoETransformer); train "
+                             "multi-task models on one process")
         for i, m in enumerate(layers):  # every check before any communication: the same error on every rank
             check_layout(m.num_experts, self.size, f"MoE layer {i}")
             if m.spec.capacity == "choose":
