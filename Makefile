@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
+# setuptools notes every editable install of a package-dir mapping (backends/ -> tinymoe.backends) with a boxed
+# warning about same-named folders; it does not apply here, so the install stays quiet
+PIP    := PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip
 
 .PHONY: demo test bench tutorials clean
 
