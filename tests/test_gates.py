@@ -374,7 +374,7 @@ def test_dselect_init_ranges(E, k, gamma):
         assert_uniform_range(z_part, gamma / 100)
         assert_uniform_range(a_part, 0.05)
     # at init every S(z) ≈ ½: all experts equal weight (within 0.05 of 1/E for unit-scale inputs)
-    x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32) / np.sqrt(32)
+    x = (np.random.default_rng(0).standard_normal((4, 32)) / np.sqrt(32)).astype(np.float32)
     moe(x, task_ids=np.zeros(4, int))
     if E & (E - 1) == 0:
         q = dense(moe.last_routing.weights, moe.last_routing.expert_idx, E)

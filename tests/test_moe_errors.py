@@ -84,7 +84,7 @@ def test_wrong_input_width(shape):
     with pytest.raises(ValueError, match=r"x must be \(N, 8\) or \(B, T, 8\), got " + str(shape).replace("(", r"\(").replace(")", r"\)")):
         MoE(8, 16, 4)(np.zeros(shape, np.float32))
     with pytest.raises(ValueError, match=r"x must be \(N, 4\), got"):
-        tm.nn.MultiGateMoE(4, 3, 4, 2)(np.zeros((2, 5)))
+        tm.nn.MultiGateMoE(4, 3, 4, 2)(np.zeros((2, 5), np.float32))
 
 
 @pytest.mark.parametrize("shape", [(8,), (1, 2, 3, 8)])
@@ -92,7 +92,7 @@ def test_wrong_input_rank(shape):
     with pytest.raises(ValueError, match=r"x must be \(N, 8\) or \(B, T, 8\)"):
         MoE(8, 16, 4)(np.zeros(shape, np.float32))
     with pytest.raises(ValueError, match=r"MultiGateMoE: x must be \(N, 4\)"):
-        tm.nn.MultiGateMoE(4, 3, 4, 2)(np.zeros((2, 2, 4)))
+        tm.nn.MultiGateMoE(4, 3, 4, 2)(np.zeros((2, 2, 4), np.float32))
     with pytest.raises(ValueError, match=r"tokens must be \(B, T\)"):
         tm.MoETransformer(tm.ModelConfig(d_model=16, n_heads=2))(np.zeros(5, int))
 
