@@ -428,7 +428,11 @@ def test_a_header_asking_for_a_huge_model_is_refused_before_allocating(saved, tm
 @pytest.mark.parametrize("name, model", [("moe", lambda: tm.nn.MoE(6, 8, 4, k=2, num_shared_experts=1)),
                                          ("mg", lambda: tm.nn.MultiGateMoE(5, 4, 3, 2, gate="dselect_k", k=2)),
                                          ("mgp", lambda: tm.nn.MultiGateMoE(5, 4, 3, 2, gate="top_k", k=2,
-                                                                            per_example=True, d_hidden=7))])
+                                                                            per_example=True, d_hidden=7)),
+                                         ("cgc", lambda: tm.nn.CGC(5, 4, 3, num_task_experts=2, num_shared_experts=1,
+                                                                   d_hidden=6, out_dim=2)),
+                                         ("ple", lambda: tm.nn.PLE(5, 4, 2, num_task_experts=1, num_shared_experts=2,
+                                                                   num_levels=3, tower_hidden=5))])
 def test_parameter_counts_match_the_models(name, model):
     """The counts that bound a rebuild are not below what the constructors really build (else a good file fails)."""
     m = model()

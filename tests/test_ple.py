@@ -127,3 +127,15 @@ def test_train_command(tmp_path, capsys, family):
     row = next(line for line in out.splitlines() if line.startswith("task0 "))
     assert [float(v) for v in row.split()[1:]][2:4] == [0.0, 0.0]  # task 0's gate never uses task 1's experts
     assert len(row) == len(header)
+
+
+def test_a_huge_ple_is_refused_before_it_is_built(tmp_path, capsys):
+    """The memory estimate counts CGC/PLE's experts (per task, shared, per level), so a config asking for 10^8
+    experts per task is one line and exit 2, not a MemoryError after minutes of allocation."""
+    from tinymoe.cli import main
+
+    code = main(["train", "--run-dir", str(tmp_path / "r"), "--quiet", "--set", "data.kind=mmoe",
+                 "--set", "model.family=ple", "--set", "model.num_task_experts=100000000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "of memory" in err and "parameters" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -154,6 +154,19 @@ def multigate_parameters(d_in, num_tasks, out_dim=1, *, family="multigate", num_
     return experts + gates + towers
 
 
+def ple_parameters(c):
+    """CGC / PLE (Tang et al. 2020): per level, every task's own experts, the shared experts, a gate per task and
+    (below the last level) the shared gate; then the towers."""
+    T, nt, ns, de = c["num_tasks"], c["num_task_experts"], c["num_shared_experts"], c["d_expert"]
+    h, th, od, levels = c.get("d_hidden") or de, c.get("tower_hidden", 8), c.get("out_dim", 1), c.get("num_levels", 1)
+    n = T * (de * th + th + th * od + od)  # towers
+    for level in range(levels):
+        d = c["d_in"] if level == 0 else de  # later levels read the previous level's mixtures
+        n += (T * nt + ns) * (d * h + h + h * de + de) + T * (d + 1) * (nt + ns)  # experts, task gates
+        n += (d + 1) * (T * nt + ns) if level < levels - 1 else 0  # the shared gate
+    return n
+
+
 def _transformer_parameters(config):
     return transformer_parameters(ModelConfig(**config))
 
@@ -183,8 +196,8 @@ MODELS: dict[str, ModelSpec] = {
     "tinymoe.MoETransformer": ModelSpec(MoETransformer, _dataclass_config, _build_transformer, _transformer_parameters),
     "tinymoe.nn.MoE": ModelSpec(nn.MoE, _dataclass_config, _build_from_kwargs, _moe_parameters),
     "tinymoe.nn.MultiGateMoE": ModelSpec(nn.MultiGateMoE, _dict_config, _build_from_kwargs, _multigate_parameters),
-    "tinymoe.nn.CGC": ModelSpec(nn.CGC, _dict_config, _build_from_kwargs),
-    "tinymoe.nn.PLE": ModelSpec(nn.PLE, _dict_config, _build_from_kwargs),
+    "tinymoe.nn.CGC": ModelSpec(nn.CGC, _dict_config, _build_from_kwargs, ple_parameters),
+    "tinymoe.nn.PLE": ModelSpec(nn.PLE, _dict_config, _build_from_kwargs, ple_parameters),
     "tinymoe.nn.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs, _shared_bottom_parameters),
     # the name files written before SharedBottom moved into tinymoe.nn carry (read only: saving uses the one above)
     "tinymoe.experiments.SharedBottom": ModelSpec(nn.SharedBottom, _dict_config, _build_from_kwargs,

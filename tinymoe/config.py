@@ -275,7 +275,7 @@ def _rules(cls) -> dict:
                 "num_description_parts": _optional(_size), "dropout": _probability,
                 "activation": _one_of(*_activations()), "aux_weights": _aux_weights, "seed": seed}
     if cls is MultiGateConfig:
-        return {"family": _one_of(*MODEL_FAMILIES), "num_task_experts": _count, "num_shared_experts": _count,
+        return {"family": _one_of(*MODEL_FAMILIES), "num_task_experts": _size, "num_shared_experts": _count,
                 "num_levels": _size, "num_experts": _size, "d_expert": _size,
                 "d_hidden": _optional(_size), "gate": _one_of("softmax", "top_k", "dselect_k"), "k": _size,
                 "tower_hidden": _size, "gamma": _positive, "aux_weights": _aux_weights, "seed": seed}
@@ -503,7 +503,7 @@ def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_class
     keeps no graph, so it counts a quarter). The data counts its arrays and the three split copies.
     For tabular data of unknown width (a table file, digits) pass `num_features`; None skips the model part.
     """
-    from .checkpoint import multigate_parameters, transformer_parameters
+    from .checkpoint import multigate_parameters, ple_parameters, transformer_parameters
     from .model import ModelConfig
 
     d, B, F32 = cfg.data, cfg.optim.batch_size, 4
@@ -530,11 +530,15 @@ def estimate_memory(cfg: RunConfig, num_features=None, num_tasks=None, num_class
         T = num_tasks or (2 if d.kind == "mmoe" else d.num_tasks)
         E = c.num_experts  # CGC / PLE: each task's own experts and the shared ones, on every level
         if c.family in ("cgc", "ple"):
-            E = (T * c.num_task_experts + c.num_shared_experts) * (c.num_levels if c.family == "ple" else 1)
-        family = "shared_bottom" if c.family == "shared_bottom" else "multigate"
-        params = multigate_parameters(width, T, num_classes or 1, family=family, num_experts=E,
-                                      d_expert=c.d_expert, d_hidden=c.d_hidden, gate=c.gate, k=c.k,
-                                      per_example=c.per_example, tower_hidden=c.tower_hidden)
+            levels = c.num_levels if c.family == "ple" else 1
+            E = (T * c.num_task_experts + c.num_shared_experts) * levels
+            params = ple_parameters(dict(d_in=width, d_expert=c.d_expert, num_tasks=T, out_dim=num_classes or 1,
+                                         num_task_experts=c.num_task_experts, num_shared_experts=c.num_shared_experts,
+                                         d_hidden=c.d_hidden, tower_hidden=c.tower_hidden, num_levels=levels))
+        else:
+            params = multigate_parameters(width, T, num_classes or 1, family=c.family, num_experts=E,
+                                          d_expert=c.d_expert, d_hidden=c.d_hidden, gate=c.gate, k=c.k,
+                                          per_example=c.per_example, tower_hidden=c.tower_hidden)
         per_example = (E * ((c.d_hidden or c.d_expert) * 3 + c.d_expert * 2) + width
                        + T * (E * 4 + c.tower_hidden * 3)) * F32
     activations = per_example * max(B, 512 // 4)
