@@ -10,19 +10,21 @@ from tinymoe import activations as A
 pytest.importorskip("numba")
 from tinymoe.backends.numba import _ffn  # noqa: E402
 
-TWINS = {  # numba scalar twin -> the reference function it mirrors
-    "_sigmoid": A.sigmoid, "_gelu": A.gelu, "_gelu_grad": A.gelu_grad, "_silu": A.silu, "_silu_grad": A.silu_grad,
-    "_relu": A.relu, "_relu_grad": A.relu_grad,
+TWINS = {  # numba scalar twin -> the reference function(s) it mirrors (the *_both twins return (act, act'))
+    "_sigmoid": A.sigmoid, "_gelu": A.gelu, "_gelu_both": (A.gelu, A.gelu_grad), "_silu": A.silu,
+    "_silu_both": (A.silu, A.silu_grad), "_relu": A.relu, "_relu_grad": A.relu_grad,
 }
 EDGES = [0.0, -0.0, 1e-300, -1e-300, 1.0, -1.0, 30.0, -30.0, 700.0, -700.0, 1e6, -1e6]
 
 
 def check(name, values):
-    twin, ref = getattr(_ffn, name), TWINS[name]
-    got = np.array([twin(float(v)) for v in values])
-    want = ref(np.asarray(values, dtype=np.float64))
-    # the tanh form of GELU loses relative accuracy where gelu(v) ≈ 0 (1 + tanh z cancels): hence the atol
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14, err_msg=name)
+    twin, refs = getattr(_ffn, name), TWINS[name]
+    refs = refs if isinstance(refs, tuple) else (refs,)
+    got = np.array([twin(float(v)) for v in values]).reshape(len(values), len(refs))
+    for i, ref in enumerate(refs):
+        want = ref(np.asarray(values, dtype=np.float64))
+        # the tanh form of GELU loses relative accuracy where gelu(v) ≈ 0 (1 + tanh z cancels): hence the atol
+        np.testing.assert_allclose(got[:, i], want, rtol=1e-12, atol=1e-14, err_msg=f"{name}[{i}]")
 
 
 @pytest.mark.parametrize("name", sorted(TWINS))

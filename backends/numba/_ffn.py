@@ -147,7 +147,7 @@ def _silu_both32(v):
 
 @njit(inline="always")
 def _gelu_both(v):
-    """(gelu(v), gelu'(v)) in float64 from one exp (the forms above)."""
+    """(gelu(v), gelu'(v)) in float64 from one exp: tinymoe.activations.gelu and gelu_grad."""
     u = _gelu_arg(v)
     e = _exp_neg(abs(u))
     q = 1.0 / (1.0 + e)
@@ -158,6 +158,7 @@ def _gelu_both(v):
 
 @njit(inline="always")
 def _silu_both(v):
+    """(silu(v), silu'(v)) in float64 from one exp: tinymoe.activations.silu and silu_grad."""
     e = _exp_neg(abs(v))
     q = 1.0 / (1.0 + e)
     s = q if v >= 0 else e * q
