@@ -162,3 +162,81 @@ def test_registry_names():
     assert get("e1_gates") is get("E1")
     with pytest.raises(ValueError, match="unknown experiment"):
         get("e9")
+
+
+# ---- the control arms of E2–E4 ---------------------------------------------------------------------------------
+
+_SEQ_CFG = dict(d_model=16, n_layers=2, n_heads=2, d_ff=16, num_experts=4)
+
+
+def _routing_under(model, tokens, task_ids):
+    model(tokens, task_ids)
+    return [(m.last_routing.expert_idx.copy(), m.last_routing.weights.copy()) for m in model.moe_layers]
+
+
+def test_task_blind_router_receives_no_task_information():
+    from tinymoe.experiments.common import BlindRouter, sequence_model
+
+    model = sequence_model("MoE task-blind router", 3, 8, 6, _SEQ_CFG, seed=0)
+    assert all(isinstance(m.gate, BlindRouter) for m in model.moe_layers) and len(model.moe_layers) == 2
+    tokens = np.random.default_rng(0).integers(0, 8, (5, 6))
+    a, b = np.zeros(5, np.int64), np.full(5, 2)
+    for (ia, wa), (ib, wb) in zip(_routing_under(model, tokens, a), _routing_under(model, tokens, b)):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(wa, wb)
+    # the task still reaches the model (through the input), just not its routers
+    assert not np.allclose(model(tokens, a).numpy(), model(tokens, b).numpy())
+    # and the router is trained: its weights get a gradient
+    model(tokens, a).sum().backward()
+    assert all(m.gate.inner.weight.grad is not None and np.abs(m.gate.inner.weight.grad).sum() > 0
+               for m in model.moe_layers)
+
+
+def test_token_router_sees_the_task_through_the_input():
+    # the control for the test above: the usual token router's weights do move with the task id
+    from tinymoe.experiments.common import sequence_model
+
+    model = sequence_model("MoE token router (task via input)", 3, 8, 6, _SEQ_CFG, seed=0)
+    tokens = np.random.default_rng(0).integers(0, 8, (5, 6))
+    ra = _routing_under(model, tokens, np.zeros(5, np.int64))
+    rb = _routing_under(model, tokens, np.full(5, 2))
+    assert any(not np.allclose(wa, wb) for (_, wa), (_, wb) in zip(ra, rb))
+
+
+def test_oracle_routing_sends_each_task_to_the_expert_of_its_part():
+    from tinymoe.experiments.common import sequence_model
+
+    parts = [("reverse",), ("increment",), ("reverse", "increment")]  # experts: increment 0, reverse 1
+    model = sequence_model("MoE oracle routing", 3, 8, 6, _SEQ_CFG, seed=0, task_parts=parts)
+    tokens = np.random.default_rng(0).integers(0, 8, (3, 6))
+    routes = _routing_under(model, tokens, np.array([0, 1, 2]))
+    first, second = (idx.reshape(3, 6, -1)[:, :, 0] for idx, _ in routes)
+    np.testing.assert_array_equal(first, [[1] * 6, [0] * 6, [1] * 6])   # block 0: the first part
+    np.testing.assert_array_equal(second, [[1] * 6, [0] * 6, [0] * 6])  # block 1: the second (or only) part
+
+
+def test_arms_differ_in_what_they_compute():
+    from tinymoe.experiments.common import SEQ_ARMS, sequence_model
+
+    assert "MoE concat (task-aware)" not in SEQ_ARMS  # [x; e]W = xW_x + eW_e: the same function as add
+    dense = sequence_model("dense", 2, 8, 6, _SEQ_CFG, seed=0)
+    wide = sequence_model("dense ×E (equal params)", 2, 8, 6, _SEQ_CFG, seed=0)
+    moe = sequence_model("MoE add (task-aware)", 2, 8, 6, _SEQ_CFG, seed=0)
+    assert dense.num_parameters() < moe.num_parameters()
+    assert abs(wide.num_parameters() - moe.num_parameters()) < 0.1 * moe.num_parameters()  # equal total params
+
+
+def test_conflicting_unrelated_tasks():
+    from tinymoe.data.sequences import make_task, random_mapping_tasks
+
+    x = np.random.default_rng(0).integers(0, 10, (400, 8))
+    (value,), (memo,) = random_mapping_tasks(1, kind="value")[0], random_mapping_tasks(1, kind="memorise")[0]
+    v = make_task((value,))(x)
+    # a value map keeps positions: equal inputs at two positions give equal outputs
+    same = x[:, 0] == x[:, 1]
+    np.testing.assert_array_equal(v[same, 0], v[same, 1])
+    m = make_task((memo,))(x)
+    np.testing.assert_array_equal(m, make_task((memo,))(x))  # deterministic
+    flipped = x.copy()
+    flipped[:, -1] = (flipped[:, -1] + 1) % 10  # change one input token: labels everywhere change
+    assert np.mean(make_task((memo,))(flipped)[:, 0] == m[:, 0]) < 0.2
