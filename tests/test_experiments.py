@@ -3,6 +3,7 @@ columns and a plot; the adjusted Rand index matches hand-computed cases; SharedB
 convention."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from tinymoe.experiments import EXPERIMENTS, get, main
 from tinymoe.experiments.common import (SharedBottom, adjusted_rand_index, fmt, markdown_table, mean_std,
                                         partition_from_sets)
+from tinymoe.experiments.stats import CANNOT_TELL, CONTRADICTED, HOLDS
 
 pytest.importorskip("matplotlib")
 
@@ -85,10 +87,12 @@ def _run(name, tmp_path):
     result = get(name).run(preset="tiny", out=str(out), log=lambda *a: None)
     text = (out / "results.md").read_text()
     pngs = [f for f in os.listdir(out) if f.endswith(".png")]
-    assert len(pngs) == 1 and (out / pngs[0]).stat().st_size > 1000
+    assert pngs and all((out / p).stat().st_size > 1000 for p in pngs)
     assert result["dir"] == str(out)
-    assert all(table in text for table in result["table"].split("\n\n"))  # E1 returns two tables
-    return text, _table_rows(text)
+    assert all(table in text for table in result["table"].split("\n\n"))
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["comparisons"]) == len(result["comparisons"])
+    return text, _table_rows(text), result
 
 
 def _is_mean_std(cell):
@@ -96,65 +100,167 @@ def _is_mean_std(cell):
     return float(m) == float(m) and float(s) >= 0
 
 
+def _check_comparisons(result, seeds):
+    """Every comparison names its seeds, has a CI around its mean and a verdict of the rule; exactly the
+    pre-declared ones are primary and carry no Holm p."""
+    comps = result["comparisons"]
+    assert comps and any(c.primary for c in comps)
+    for c in comps:
+        assert c.seeds == seeds and c.low <= c.mean <= c.high
+        assert c.verdict in (HOLDS, CONTRADICTED, CANNOT_TELL)
+        assert (c.p_holm is None) == c.primary
+    return comps
+
+
 @pytest.mark.slow
 def test_e1_tiny(tmp_path):
-    from tinymoe.experiments.e1_gates import MODELS, PRESETS
+    from tinymoe.experiments.e1_gates import MODELS, ORACLE, PRESETS
 
-    text, rows = _run("e1", tmp_path)
-    assert "Part A" in text and "Part B" in text
-    header_a = ["model", "ρ", "task0 test MSE", "task1 test MSE", "mean test MSE"]
+    text, rows, result = _run("e1", tmp_path)
+    assert "Part A" in text and "Part B" in text and "linear R²" in text
+    rhos = PRESETS["tiny"]["rhos"]
+    header_a = ["model", *[f"ρ = {r}" for r in rhos], "mean over ρ"]
     assert header_a in rows
-    part_a = [r for r in rows if len(r) == 5 and r != header_a]
-    assert {(r[0], float(r[1])) for r in part_a} == {(m, rho) for m in MODELS for rho in PRESETS["tiny"]["rhos"]}
-    assert all(_is_mean_std(c) for r in part_a for c in r[2:])
-    part_b = [r for r in rows if len(r) == 4 and r[0] != "model"]
-    assert [r[0] for r in part_b] == MODELS
+    part_a = [r for r in rows if len(r) == len(header_a) and r != header_a and r[0] in MODELS]
+    assert [r[0] for r in part_a] == MODELS
+    assert all(_is_mean_std(c) and float(c.split(" ± ")[0]) >= 0 for r in part_a for c in r[1:])
+    part_b = [r for r in rows if len(r) == 5 and r[0] in [*MODELS, ORACLE]]
+    assert [r[0] for r in part_b] == [*MODELS, ORACLE]
     for r in part_b:
         assert _is_mean_std(r[1])
-        if r[0] == "shared-bottom":
-            assert r[2] == "—"  # no gate, no selected experts
+        if r[0] in ("ridge", "shared-bottom", ORACLE):
+            assert r[2] == "—"  # no learned gate, no selected experts
         else:
             assert -1.0 <= float(r[2].split(" ± ")[0]) <= 1.0
+    comps = _check_comparisons(result, PRESETS["tiny"]["seeds"])
+    assert {c.claim for c in comps if c.primary} == {"DSelect-k beats Top-k and MMoE on synthetic MTL",
+                                                     "DSelect-k's selected experts recover the task clusters"}
+
+
+def test_e1_ridge_and_normalised_mse():
+    from tinymoe.data import mmoe_synthetic, train_val_test_split
+    from tinymoe.experiments.e1_gates import normalised_mse, ridge
+
+    y = np.random.default_rng(0).standard_normal((100, 2))
+    np.testing.assert_allclose(normalised_mse(np.broadcast_to(y.mean(axis=0), y.shape), y), [1.0, 1.0])
+    # with no sinusoids the targets are linear: ridge explains nearly everything
+    data = train_val_test_split(mmoe_synthetic(600, 0.5, d=10, m=0, seed=0), (0.6, 0.2, 0.2), seed=0)
+    assert normalised_mse(ridge(data), data["test"].y).max() < 0.05
+
+
+def test_static_top_k_gate_is_the_same_for_every_example():
+    from tinymoe.experiments.e1_gates import StaticGateMoE
+
+    model = StaticGateMoE(6, 4, 4, 3, "top_k", k=2, seed=0)
+    outs = model(np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32))
+    assert len(outs) == 3
+    for w in model.last_weights:
+        assert (w == w[0]).all() and ((w[0] > 0).sum() == 2) and np.isclose(w[0].sum(), 1.0)
+    sum(o.sum() for o in outs).backward()
+    assert model.logits.grad is not None and np.abs(model.logits.grad).sum() > 0
+    oracle = StaticGateMoE(6, 4, 4, 3, "oracle", table=[2, 0, 2], seed=0)
+    oracle(np.zeros((2, 6), np.float32))
+    assert [int(w[0].argmax()) for w in oracle.last_weights] == [2, 0, 2]
+
+
+def test_fixed_generator_seed_fixes_the_function_not_the_sample():
+    from tinymoe.data import mmoe_synthetic
+
+    a = mmoe_synthetic(50, 0.5, d=8, seed=0, generator_seed=3)
+    b = mmoe_synthetic(50, 0.5, d=8, seed=1, generator_seed=3)
+    np.testing.assert_array_equal(a.meta["alpha"], b.meta["alpha"])
+    np.testing.assert_array_equal(a.meta["weights"], b.meta["weights"])
+    assert not np.array_equal(a.x, b.x)
+    c = mmoe_synthetic(50, 0.5, d=8, seed=0)  # default: both from seed, as before
+    assert not np.array_equal(a.meta["alpha"], c.meta["alpha"])
 
 
 @pytest.mark.slow
 def test_e2_tiny(tmp_path):
-    from tinymoe.experiments.e2_transfer import VARIANTS
+    from tinymoe.experiments.e2_transfer import PRESETS
 
-    text, rows = _run("e2", tmp_path)
-    assert rows[0] == ["model", "reverse+increment test accuracy (per position)"]
-    assert [r[0] for r in rows[1:]] == VARIANTS
-    assert "trained alone (dense)" in VARIANTS and "MoE token (task-agnostic)" in VARIANTS
-    assert all(0.0 <= float(r[1].split(" ± ")[0]) <= 1.0 for r in rows[1:])
+    text, rows, result = _run("e2", tmp_path)
+    assert rows[0] == ["arm", "reverse+increment test accuracy (mean ± std over seeds)", "lr (tuned)"]
+    arms = PRESETS["tiny"]["arms"]
+    assert [r[0] for r in rows[1:1 + len(arms)]] == arms
+    assert all(0.0 <= float(r[1].split(" ± ")[0]) <= 1.0 for r in rows[1:1 + len(arms)])
+    comps = _check_comparisons(result, PRESETS["tiny"]["seeds"])
+    primary = [c for c in comps if c.primary]
+    assert [(c.arm, c.baseline) for c in primary] == [("MoE add (task-aware)", "dense")]
 
 
 @pytest.mark.slow
 def test_e3_tiny(tmp_path):
-    from tinymoe.experiments.e3_unseen import METHODS
+    from tinymoe.experiments.e3_unseen import FRESH_ROUTER, METHODS, PRESETS, REUSE
 
-    text, rows = _run("e3", tmp_path)
-    assert rows[0] == ["method", "K=0 (zero-shot)", "K=8"]
-    assert [r[0] for r in rows[1:]] == METHODS
-    assert all(0.0 <= float(c.split(" ± ")[0]) <= 1.0 for r in rows[1:] for c in r[1:])
+    text, rows, result = _run("e3", tmp_path)
+    assert rows[0] == ["method", "K=0 (zero-shot)", "K=4"]
+    assert [r[0] for r in rows[1:1 + len(METHODS)]] == METHODS
+    assert all(0.0 <= float(c.split(" ± ")[0]) <= 1.0 for r in rows[1:1 + len(METHODS)] for c in r[1:])
+    comps = _check_comparisons(result, PRESETS["tiny"]["seeds"])
+    assert [(c.arm, c.baseline) for c in comps if c.primary] == [(REUSE, FRESH_ROUTER)]
+
+
+def test_e3_fresh_router_keeps_the_input_description():
+    from tinymoe.experiments.common import sequence_model
+    from tinymoe.experiments.e3_unseen import register
+
+    cfg = dict(d_model=16, n_layers=2, n_heads=2, d_ff=16, num_experts=4)
+    model = sequence_model("MoE add (task-aware)", 2, 8, 6, cfg, 0, descriptions=[[0], [1]], num_parts=4)
+    assert register(model, [0, 1], [3]) == 2
+    assert model.task_emb.descriptions[2] == [0, 1]
+    assert all(m.gate.task_embedding.descriptions[2] == [3] for m in model.moe_layers)
+    out = model(np.zeros((1, 6), np.int64), np.array([2]))
+    assert out.shape == (1, 6, 8)
 
 
 @pytest.mark.slow
 def test_e4_tiny(tmp_path):
     from tinymoe.experiments.e4_unrelated import PRESETS
 
-    text, rows = _run("e4", tmp_path)
-    assert rows[0][0] == "model" and rows[0][-1] == "Δ (unrelated − base only)" and len(rows[0]) == 5
-    assert [r[0] for r in rows[1:]] == PRESETS["tiny"]["variants"]
-    for r in rows[1:]:
-        before, only, mixed, delta = (float(c.split(" ± ")[0]) for c in r[1:])
+    text, rows, result = _run("e4", tmp_path)
+    assert rows[0][0] == "arm" and rows[0][4] == "Δ (unrelated − base only)" and len(rows[0]) == 6
+    arms = PRESETS["tiny"]["arms"]
+    assert [r[0] for r in rows[1:1 + len(arms)]] == arms
+    for r in rows[1:1 + len(arms)]:
+        before, only, mixed, delta = (float(c.split(" ± ")[0]) for c in r[1:5])
         assert 0.0 <= min(before, only, mixed) and max(before, only, mixed) <= 1.0
         assert delta == pytest.approx(mixed - only, abs=2e-3)  # rounding of the printed means
+    _check_comparisons(result, PRESETS["tiny"]["seeds"])
+
+
+def test_report_writes_a_row_per_claim(tmp_path):
+    from tinymoe.experiments.e2_transfer import CLAIM
+    from tinymoe.experiments.report import CLAIMS, report
+    from tinymoe.experiments.stats import compare
+
+    folder = tmp_path / "runs" / "e2-tiny"
+    folder.mkdir(parents=True)
+    (folder / "results.md").write_text("# E2\n\n## Target\n\n| a |\n|---|\n| 1 |\n")
+    base = np.linspace(0.5, 0.6, 8)
+    c = compare(base + 0.05, base, claim=CLAIM, arm="MoE add (task-aware)", baseline="dense", metric="acc",
+                scale="7 tasks")
+    (folder / "results.json").write_text(json.dumps(dict(comparisons=[c.to_dict()], seconds=1.0, backend="numpy")))
+    lines = []
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    text = report("tiny", str(tmp_path / "runs"), str(doc), log=lines.append)
+    assert doc.read_text() == text
+    summary = [r for r in _table_rows(text) if len(r) > 1 and r[1].startswith(("Hazimeh", "Gupta"))]
+    assert len(summary) == len(CLAIMS)
+    row = next(r for r in summary if r[0].startswith("(i)"))
+    assert row[-1] == "**holds**" and "8 seeds" in row[3] and c.interval() in row[3] and row[4] == "7 tasks"
+    assert sum("not run" in r[-1] for r in summary) == 4 and sum("not built" in r[-1] for r in summary) == 1
+    assert any("HOLDS" in line and "8 paired seeds" in line for line in lines)  # verdicts on the console too
 
 
 def test_cli_runs_a_tiny_experiment(tmp_path, capsys):
-    assert main(["e1", "--preset", "tiny", "--seeds", "1", "--out", str(tmp_path / "cli"), "--quiet"]) == 0
-    assert "| model |" in capsys.readouterr().out
-    assert "1 seeds" in (tmp_path / "cli" / "results.md").read_text()
+    assert main(["e4", "--preset", "tiny", "--seeds", "2", "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| arm |" in out and "2 paired seeds" in out  # the table, then the verdicts on the console
+    assert "2 paired seeds" in (tmp_path / "cli" / "results.md").read_text()
+    with pytest.raises(ValueError, match="at least two seeds"):
+        main(["e4", "--preset", "tiny", "--seeds", "1", "--out", str(tmp_path / "cli1")])
 
 
 def test_registry_names():

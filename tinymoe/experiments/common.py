@@ -41,8 +41,9 @@ def preset_config(presets, preset, seeds=None) -> dict:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(presets)}")
     cfg = dict(presets[preset])
     if seeds is not None:
-        if seeds < 1:
-            raise ValueError(f"--seeds must be ≥ 1, got {seeds}")
+        if seeds < 2:
+            raise ValueError(f"--seeds must be ≥ 2 (a paired comparison needs at least two seeds; use ≥ 8 for a "
+                             f"verdict that can be decided), got {seeds}")
         cfg["seeds"] = seeds
     return cfg
 

@@ -29,7 +29,7 @@ PRESETS = {
                                     ("reverse", "negate")],
                   target=("sort", "negate"), n_related=800, n_target=60, n_val=60, n_test=300, seq_len=8, vocab=10,
                   d_model=32, n_layers=2, n_heads=2, d_ff=32, num_experts=4, steps=500, batch_size=64,
-                  lrs=[1e-3, 3e-3], arms=None),
+                  lrs=[3e-3, 1e-2], arms=None),
 }
 
 ALONE = "trained alone (dense)"

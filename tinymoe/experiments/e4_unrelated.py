@@ -33,7 +33,7 @@ PRESETS = {
     "small": dict(seeds=8, base=[("sort", "negate"), ("reverse", "increment"), ("shift",), ("cummax",)],
                   unrelated=dict(value=2, memorise=2), n_per_task=600, n_test=200, seq_len=8, vocab=10, d_model=32,
                   n_layers=2, n_heads=2, d_ff=32, num_experts=4, steps=300, steps_after=200, batch_size=32,
-                  lrs=[1e-3, 3e-3],
+                  lrs=[3e-3, 1e-2],
                   arms=["dense", "dense ×E (equal params)", "MoE task-blind router",
                         "MoE token router (task via input)", "MoE add (task-aware)", "MoE task-level"]),
 }
