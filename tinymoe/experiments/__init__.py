@@ -10,6 +10,7 @@
 | e2   | e2_transfer   | low-resource transfer (Gupta et al. 2022, claim i)                        |
 | e3   | e3_unseen     | few-shot unseen tasks via description-composed routing (claim ii)         |
 | e4   | e4_unrelated  | adding unrelated tasks (claim iii)                                        |
+| e5   | e5_digits     | gates on multi-digit images (Hazimeh et al. 2021, real-data evaluation)   |
 
 Each trains every arm on the same paired seeds and writes results.md (tables and paired comparisons with their
 verdicts, tinymoe.experiments.stats), results.json and PNGs into its run folder (--out, default
@@ -21,7 +22,7 @@ import argparse
 import importlib
 import os
 
-EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated"}
+EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits"}
 
 
 def get(name):

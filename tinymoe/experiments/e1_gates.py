@@ -88,19 +88,19 @@ class StaticGateMoE(MultiGateMoE):
 
 
 def make_model(name, d, num_tasks, cfg, seed, clusters=None):
-    E, k, f, h = cfg["num_experts"], cfg["k"], cfg["d_expert"], cfg["d_hidden"]
+    E, k, f, h, o = cfg["num_experts"], cfg["k"], cfg["d_expert"], cfg["d_hidden"], cfg.get("out_dim", 1)
     if name == "shared-bottom":  # hidden width k·h: the same work per example as a top-k model
-        return SharedBottom(d, f, num_tasks, seed, d_hidden=k * h)
+        return SharedBottom(d, f, num_tasks, seed, d_hidden=k * h, out_dim=o)
     if name == "top-k static":
-        return StaticGateMoE(d, f, E, num_tasks, "top_k", k=k, seed=seed, d_hidden=h)
+        return StaticGateMoE(d, f, E, num_tasks, "top_k", k=k, seed=seed, d_hidden=h, out_dim=o)
     if name == ORACLE:
         return StaticGateMoE(d, f, E, num_tasks, "oracle", k=1, table=np.asarray(clusters) % E, seed=seed,
-                             d_hidden=h)
+                             d_hidden=h, out_dim=o)
     gate, per_example = {"MMoE (softmax)": ("softmax", False), "top-k per-example": ("top_k", False),
                          "DSelect-k static": ("dselect_k", False),
                          "DSelect-k per-example": ("dselect_k", True)}[name]
     return MultiGateMoE(d, f, E, num_tasks, gate=gate, k=k, per_example=per_example, seed=seed, d_hidden=h,
-                        aux_weights={"dselect_entropy": cfg["entropy"]})
+                        out_dim=o, aux_weights={"dselect_entropy": cfg["entropy"]})
 
 
 def normalised_mse(pred, y):
