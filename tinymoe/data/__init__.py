@@ -1,4 +1,4 @@
-"""Datasets that need no download, all returned as two containers:
+"""Datasets that need no download (REFERENCE.md section 5), all returned as two containers:
 
 * `TabularTasks` — every example scored on every task: `mmoe_synthetic` (Ma et al. 2018), its clustered
   many-task variant `clustered_synthetic` (Hazimeh et al. 2021), `multi_digits` (scikit-learn's 8×8 digits),
