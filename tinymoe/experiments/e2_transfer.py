@@ -10,6 +10,11 @@ Pre-declared comparison for claim (i): task-aware MoE (add router) − dense at 
 (Holm-corrected): against the dense model of equal total parameters, the task-blind router, the token router
 that sees the task through the input, the task-level router, oracle routing, and whether multi-task training
 helps the target at all (dense − trained alone).
+
+Read "trained alone" with care: it sees the target in every batch, the multi-task arms in about 1 % of them, so
+over the same steps it takes ~80× more target updates — dense − trained alone mixes transfer with exposure.
+Oracle routing is given the target's structure (which part each block should compute): an upper bound on what
+composition-aware routing can give, not a method.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ on K examples of the held-out task and report its test accuracy (K = 0: zero-sho
 * MoE add, fresh everywhere: an untrained part at the input and in the routers (learned from the K examples);
 * dense, description at input (no router to reuse);
 * MoE oracle routing, description at input: block l sends every token to the expert of the task's part l
-  (an upper bound on what composing routes can give).
+  (an upper bound on what composing routes can give; with more parts than experts, parts share experts
+  by their index mod E).
 
 Pre-declared comparison for claim (ii): (description at input and router) − (description at input, fresh
 router) at the smallest K > 0. Secondary (Holm): the same at the other K, against dense, and oracle − learned.

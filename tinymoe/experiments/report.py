@@ -101,6 +101,11 @@ def build(results, preset, doc_dir) -> str:
         res = results[name]
         folder = res["_dir"]
         lines += [f"## {TITLES[name]}", ""]
+        from . import get
+
+        about = (get(name).__doc__ or "").split("\n", 1)[-1].strip()  # the module docstring: what and why
+        if about:
+            lines += [about, ""]
         with open(os.path.join(folder, "results.md")) as f:
             body = f.read().split("\n", 1)[1].strip()  # drop the file's own title
         lines += [("\n" + body).replace("\n## ", "\n### ").strip(), ""]
