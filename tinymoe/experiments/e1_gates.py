@@ -37,7 +37,7 @@ PRESETS = {
     "tiny": dict(seeds=3, rhos=[0.0, 0.9], n=400, d=10, c=1.0, m=10, num_experts=4, k=2, d_expert=8, d_hidden=8,
                  steps=20, batch_size=64, lrs=[3e-3], entropy=1e-3,
                  clusters=(4, 2), n_clustered=300, clustered=dict(num_experts=2, k=1, steps=20, entropy=1e-2)),
-    "small": dict(seeds=8, rhos=[0.0, 0.9], n=2000, d=20, c=1.0, m=10, num_experts=8, k=2, d_expert=16,
+    "small": dict(seeds=12, rhos=[0.0, 0.9], n=2000, d=20, c=1.0, m=10, num_experts=8, k=2, d_expert=16,
                   d_hidden=16, steps=300, batch_size=128, lrs=[3e-3, 1e-2], entropy=1e-3,
                   # part B: few examples and small experts, so that sharing within a cluster pays off; top-1 of as
                   # many experts as clusters, so the "right" selection is one expert per cluster

@@ -21,7 +21,7 @@ from .stats import compare, family
 PRESETS = {
     "tiny": dict(seeds=3, n_train=300, n_val=100, n_test=200, num_experts=4, k=2, d_expert=8, d_hidden=8,
                  out_dim=10, steps=20, batch_size=64, lrs=[3e-3], entropy=1e-3),
-    "small": dict(seeds=8, n_train=2000, n_val=500, n_test=1000, num_experts=8, k=2, d_expert=16, d_hidden=16,
+    "small": dict(seeds=12, n_train=2000, n_val=500, n_test=1000, num_experts=8, k=2, d_expert=16, d_hidden=16,
                   out_dim=10, steps=300, batch_size=128, lrs=[3e-3, 1e-2], entropy=1e-3),
 }
 

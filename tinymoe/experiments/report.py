@@ -86,7 +86,9 @@ def build(results, preset, doc_dir) -> str:
              "its 95 % t confidence interval and the exact sign-flip p. Secondary comparisons are Holm-corrected "
              "within their experiment. **Verdict rule** (written before the runs): *holds* if the interval excludes "
              "0 on the side the claim predicts, *contradicted* if it excludes 0 on the other side, otherwise "
-             "*cannot tell at this scale* (for a secondary comparison the Holm-adjusted p must also be < 0.05). "
+             "*cannot tell at this scale* (for a secondary comparison the Holm-adjusted p must also be < 0.05; "
+             "the exact p cannot go below 2/2^n at n seeds, so with 8 seeds more than 6 secondary comparisons "
+             "can never be decided — the experiments with more use 12 seeds where they are cheap enough). "
              "\"Cannot tell\" means these seeds, models and data cannot separate the arms; it is not evidence of no "
              "effect.", "",
              "## Every claim", "",

@@ -10,6 +10,8 @@ initialisation), so the unit of evidence is the per-seed paired difference d_s =
   of each d_s is a fair coin, so p = #{ε ∈ {±1}^n : |mean(ε·d)| ≥ |mean(d)|} / 2^n. With n seeds it cannot go
   below 2/2^n (0.25 at n = 3, 0.0078 at n = 8), which is why the experiments use at least 8 seeds;
 * Holm's step-down correction (Holm 1979) of the p-values of the secondary comparisons of one experiment.
+  Because the exact p cannot go below 2/2^n, m secondary comparisons can only be decided when m·2/2^n < α:
+  at most 6 of them at 8 seeds, 200 at 12 — so experiments with many secondary comparisons use 12 seeds.
 
 The verdict rule, written down before the runs (`verdict`):
 
