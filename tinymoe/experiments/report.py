@@ -94,6 +94,16 @@ def build(results, preset, doc_dir) -> str:
              "## Every claim", "",
              markdown_table(["claim", "paper", "pre-declared comparison", "mean paired diff. [95 % CI], seeds",
                              "scale tried", "verdict"], summary_rows(results)), ""]
+    lines += ["**Reading the rows.** Each verdict is about its pre-declared comparison only; the secondary rows of "
+              "each experiment below say what else the data separate. In particular: (i) compares task-aware MoE "
+              "with dense at equal active FLOPs — the equal-parameter dense model, the task-blind router and oracle "
+              "routing are secondary rows in E2; (ii) compares reused routing with a fresh router *inside one MoE* "
+              "(isolating routing reuse), which says nothing about MoE against a dense model given the same "
+              "description — that is a secondary row in E3; (iii) compares forgetting Δ with dense at equal "
+              "active FLOPs, the equal-parameter dense model and the task-blind router are secondary rows in E4. "
+              "Where a tuned lr sits at the edge of the grid, a wider grid could move the numbers. In the plots each "
+              "comparison is drawn with its 95 % CI, signed so that right favours the claim; * marks a secondary "
+              "comparison; green holds, red contradicted, grey cannot tell.", ""]
     ran = [n for n in NAMES if n in results]
     missing = [n for n in NAMES if n not in results]
     lines += [f"Ran at preset `{preset}`: {', '.join(ran) or 'none'}" +
