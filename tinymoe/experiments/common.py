@@ -1,9 +1,11 @@
-"""What every experiment shares: the run folder, the seeds loop, mean ± std, a markdown table, a plot, the
-adjusted Rand index, the backend choice, and the shared-bottom baseline of E1.
+"""What every experiment shares: the run folder, mean ± std, markdown tables, plots (forest plots of paired
+differences), the adjusted Rand index, the backend choice, the lr grid tuned per arm, the arms of the sequence
+experiments (with the task-blind and oracle routers), and the shared-bottom baseline of E1.
 
 An experiment module defines `PRESETS = {"tiny": {...}, "small": {...}}` and
-`run(preset="small", seeds=None, out=None, log=print) -> dict` that writes results.md and a PNG into its run
-folder and returns {"dir", "table", "rows", "seconds"}.
+`run(preset="small", seeds=None, out=None, log=print) -> dict` that writes results.md, results.json and PNGs into
+its run folder and returns {"dir", "table", "rows", "comparisons", "seconds"}; the comparisons are
+tinymoe.experiments.stats.Comparison objects with their verdicts.
 """
 from __future__ import annotations
 
