@@ -125,7 +125,8 @@ def build(results, preset, doc_dir) -> str:
             target = os.path.join(doc_dir, "results", png)
             shutil.copyfile(os.path.join(folder, png), target)
             lines += [f"![{png}](results/{png})", ""]
-        lines += [f"Ran in {res['seconds']:.0f} s on the backend `{res['backend']}` "
+        lines += [f"Ran in {res['seconds']:.0f} s (wall clock; a 2-core CPU shared with other jobs) on the backend "
+                  f"`{res['backend']}` "
                   f"(`tinymoe experiment {name} --preset {preset} --backend {res['backend']}`).", ""]
     lines += ["## What is not here yet", "",
               "* A scale sweep (tasks 4 → 16 → 32, experts 4 → 16, data per related task) that would say \"holds from "
