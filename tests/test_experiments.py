@@ -242,6 +242,18 @@ def test_e5_tiny(tmp_path):
     assert [(c.arm, c.baseline) for c in comps if c.primary] == [("DSelect-k static", "top-k static")]
 
 
+@pytest.mark.slow
+def test_e6_tiny(tmp_path):
+    from tinymoe.experiments.e6_scale import PRESETS
+
+    text, rows, result = _run("e6", tmp_path)
+    cfg = PRESETS["tiny"]
+    settings = [r for r in rows if r[0].isdigit()]
+    assert [(int(r[0]), int(r[2])) for r in settings] == [(T, E) for T in cfg["tasks"] for E in cfg["experts"]]
+    _check_comparisons(result, cfg["seeds"])
+    assert all(f"E={E}:" in text for E in cfg["experts"])  # "holds from T on" / "not seen up to T" per E
+
+
 def test_multi_digit_splits_keep_test_digits_unseen():
     pytest.importorskip("sklearn")
     from tinymoe.experiments.e5_digits import PRESETS, data_for
@@ -286,7 +298,7 @@ def test_cli_runs_a_tiny_experiment(tmp_path, capsys):
 
 
 def test_registry_names():
-    assert set(EXPERIMENTS) == {"e1", "e2", "e3", "e4", "e5"}
+    assert set(EXPERIMENTS) == {"e1", "e2", "e3", "e4", "e5", "e6"}
     assert get("e1_gates") is get("E1")
     with pytest.raises(ValueError, match="unknown experiment"):
         get("e9")

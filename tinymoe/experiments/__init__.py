@@ -11,6 +11,7 @@
 | e3   | e3_unseen     | few-shot unseen tasks via description-composed routing (claim ii)         |
 | e4   | e4_unrelated  | adding unrelated tasks (claim iii)                                        |
 | e5   | e5_digits     | gates on multi-digit images (Hazimeh et al. 2021, real-data evaluation)   |
+| e6   | e6_scale      | cluster recovery against the number of tasks and experts (scale sweep)    |
 
 Each trains every arm on the same paired seeds and writes results.md (tables and paired comparisons with their
 verdicts, tinymoe.experiments.stats), results.json and PNGs into its run folder (--out, default
@@ -22,7 +23,7 @@ import argparse
 import importlib
 import os
 
-EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits"}
+EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits", "e6": "e6_scale"}
 
 
 def get(name):
