@@ -69,8 +69,10 @@ def summary_rows(results):
             continue
         c = primary[0]
         if res.get("summary"):  # a sweep: one verdict per setting, summarised as "holds from N on" / "not seen"
+            intervals = "; ".join(f"{p.arm.split(', ', 1)[1]}: {p.interval(2)}" for p in primary)
             rows.append([claim, paper, f"{c.arm.split(',')[0]} − {c.baseline} ({c.metric}), per setting",
-                         f"{len(primary)} settings, {c.seeds} seeds each", "see E6", "; ".join(res["summary"])])
+                         f"{intervals}; {c.seeds} seeds each", "; ".join(p.scale for p in primary[-1:]) +
+                         " (largest)", "; ".join(res["summary"])])
             continue
         rows.append([claim, paper, f"{c.arm} − {c.baseline} ({c.metric})", f"{c.interval()}, {c.seeds} seeds",
                      c.scale, f"**{c.verdict}**"])
