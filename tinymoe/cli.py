@@ -6,7 +6,7 @@
     tinymoe plot RUN_DIR                                      # curves.png: losses, aux losses, metrics, expert load
     tinymoe config [--data KIND] [--set key=value ...]        # the full default run config as commented TOML
     tinymoe bench [--backend numba] [--json PATH]             # MoE layer vs dense-equivalent FFN, per backend
-    tinymoe experiment NAME [--preset small]                  # the experiments of docs/design.md §7 (e1 .. e4)
+    tinymoe experiment NAME [--preset small]                  # the experiments (e1 .. e6; report writes docs/results.md)
 
 Every failure a user can cause (a bad config, data file, checkpoint or environment, a full disk, a diverged run)
 is ONE line on stderr, `tinymoe COMMAND: error: <the problem and the fix>`, and exit status 2. `--debug` (or
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("bench", help="benchmark the MoE hot path per backend", add_help=False)
     p.set_defaults(fn=None)
-    p = sub.add_parser("experiment", help="run an experiment of docs/design.md §7 (e1 .. e4)", add_help=False)
+    p = sub.add_parser("experiment", help="run an experiment (e1 .. e6), or `report` to write docs/results.md", add_help=False)
     p.set_defaults(fn=None)
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -10,6 +10,10 @@ unrelated tasks. An input is L tokens from a vocabulary of V digits; a task maps
   the cumulative sum. Its name is "reverse+cumsum" and its description is the tuple of parts.
 * An unrelated task "random<k>" is a fixed random mapping drawn from k alone: a permutation of the positions
   followed by a permutation of the vocabulary, so it shares no structure with the primitives.
+* Two kinds of unrelated task that conflict with the primitives rather than sit beside them: "value<k>" keeps
+  every position and maps each value through a fixed random permutation of the vocabulary (the same inputs as
+  increment / negate, a different answer), and "memorise<k>" gives every whole input sequence its own
+  pseudo-random labels (a hash of the sequence and k): nothing to generalise, only to memorise.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ PRIMITIVES = {
     "cummax": _cummax,
 }
 
-_RANDOM_PART = re.compile(r"random(\d+)")
+_RANDOM_PART = re.compile(r"(random|value|memorise)(\d+)")
 
 
 def _check_sizes(fn, seq_len, vocab_size):
@@ -86,10 +90,33 @@ def _part_function(part, seq_len, vocab_size):
         return lambda x: PRIMITIVES[part](x, vocab_size)
     match = _RANDOM_PART.fullmatch(part)
     if match:
-        positions, values = _random_mapping(int(match.group(1)), seq_len, vocab_size)
-        return lambda x: values[x[:, positions]]   # (N, L): out[:, j] = values[x[:, positions[j]]]
-    raise ValueError(f"unknown task part {part!r}; known primitives: {sorted(PRIMITIVES)}, "
-                     f"or 'random<k>' (k an integer) for a fixed random mapping")
+        kind, k = match.group(1), int(match.group(2))
+        positions, values = _random_mapping(k, seq_len, vocab_size)
+        if kind == "random":
+            return lambda x: values[x[:, positions]]   # (N, L): out[:, j] = values[x[:, positions[j]]]
+        if kind == "value":
+            return lambda x: values[x]                 # (N, L): out[:, j] = values[x[:, j]]
+        return lambda x: _memorise(x, k, vocab_size)
+    raise ValueError(f"unknown task part {part!r}; known primitives: {sorted(PRIMITIVES)}, or 'random<k>', "
+                     f"'value<k>', 'memorise<k>' (k an integer) for the unrelated tasks")
+
+
+def _memorise(x, k, V):
+    """Pseudo-random labels per whole sequence: a 64-bit mix (splitmix64 finaliser) of the sequence, k and the
+    position, mod V. (N, L) -> (N, L); two different sequences get independent-looking labels."""
+    x = np.asarray(x, dtype=np.uint64)
+    h = np.full(x.shape[0], np.uint64(k * 0x9E3779B97F4A7C15 % 2**64), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(x.shape[1]):
+            h = (h ^ (x[:, j] + np.uint64(0x9E3779B97F4A7C15) + (h << np.uint64(6)) + (h >> np.uint64(2))))
+        out = np.empty(x.shape, dtype=np.int64)
+        for j in range(x.shape[1]):
+            z = h + np.uint64(j + 1) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+            out[:, j] = (z % np.uint64(V)).astype(np.int64)
+    return out
 
 
 def parse_task(task) -> tuple[str, ...]:
@@ -157,13 +184,16 @@ def all_compositions(max_depth=2, seq_len=8, vocab_size=10, primitives=None) -> 
     return tasks
 
 
-def random_mapping_tasks(num, seq_len=8, vocab_size=10, seed=0) -> list[tuple[str, ...]]:
+def random_mapping_tasks(num, seq_len=8, vocab_size=10, seed=0, kind="random") -> list[tuple[str, ...]]:
     """`num` unrelated tasks [("random<k>",), ...] for claim (iii), with k drawn from `seed`.
 
     Each "random<k>" is a fixed function of k (for the given seq_len and vocab_size): a random permutation of the
     positions, then a random permutation of the vocabulary at every position. The returned mappings are pairwise
-    different and none is the identity.
+    different and none is the identity. kind="value" returns value-only maps "value<k>" (positions kept) and
+    kind="memorise" per-sequence random labels "memorise<k>" (see the module docstring).
     """
+    if kind not in ("random", "value", "memorise"):
+        raise ValueError(f"random_mapping_tasks: kind must be 'random', 'value' or 'memorise', got {kind!r}")
     _check_sizes("random_mapping_tasks", seq_len, vocab_size)
     if not (isinstance(num, (int, np.integer)) and num >= 0):
         raise ValueError(f"random_mapping_tasks: num must be an int ≥ 0, got {num!r}")
@@ -174,10 +204,12 @@ def random_mapping_tasks(num, seq_len=8, vocab_size=10, seed=0) -> list[tuple[st
             return tasks
         k = int(rng.integers(0, 10_000))
         positions, values = _random_mapping(k, seq_len, vocab_size)
+        if kind == "value":
+            positions = np.arange(seq_len)          # value maps keep the positions
         key = (tuple(positions.tolist()), tuple(values.tolist()))
-        if key not in seen:                     # distinct (positions, values) pairs are distinct functions
+        if kind == "memorise" or key not in seen:  # distinct (positions, values) pairs are distinct functions
             seen.add(key)
-            tasks.append((f"random{k}",))
+            tasks.append((f"{kind}{k}",))
     raise ValueError(f"random_mapping_tasks: could not find {num} different mappings for seq_len={seq_len}, "
                      f"vocab_size={vocab_size}; ask for fewer or use longer sequences / a larger vocabulary")
 
@@ -209,7 +241,8 @@ def sequence_tasks(tasks, n_per_task, seq_len=8, vocab_size=10, seed=0, descript
 
     used = {p for d in descriptions for p in d}
     if description_vocab is None:
-        extra = sorted(used - set(PRIMITIVES), key=lambda p: int(_RANDOM_PART.fullmatch(p).group(1)))
+        extra = sorted(used - set(PRIMITIVES), key=lambda p: (_RANDOM_PART.fullmatch(p).group(1),
+                                                               int(_RANDOM_PART.fullmatch(p).group(2))))
         description_vocab = sorted(PRIMITIVES) + extra
     elif not used <= set(description_vocab):
         raise ValueError(f"{fn}: parts {sorted(used - set(description_vocab))} are missing from description_vocab")

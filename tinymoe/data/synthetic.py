@@ -42,18 +42,23 @@ def _targets(x, weights, alpha, beta, noise_std, rng):
     return z + waves + noise_std * rng.standard_normal(z.shape)          # (N, T)
 
 
-def mmoe_synthetic(n, rho, d=100, c=1.0, m=10, noise_std=0.1, seed=0) -> TabularTasks:
+def mmoe_synthetic(n, rho, d=100, c=1.0, m=10, noise_std=0.1, seed=0, generator_seed=None) -> TabularTasks:
     """Two regression tasks whose weight vectors have cosine similarity exactly `rho` (Ma et al. 2018).
+
+    generator_seed: draws the generator (u1, u2, α, β); `seed` draws the examples and the noise. By default both
+    come from `seed`. Fix generator_seed to compare seeds on one function: α and β decide how non-linear the
+    tasks are (a linear model explains anywhere from ~0 to ~95 % of the variance, depending on the draw).
 
     Returns TabularTasks with x (n, d), y (n, 2), task_names ["task0", "task1"], and meta holding the generator:
     "weights" (2, d), "alpha" (m,), "beta" (m,), "rho", "c", "noise_std".
     """
     _check_common("mmoe_synthetic", n, rho, d, m, noise_std)
     rng = np.random.default_rng(seed)
-    u, _ = np.linalg.qr(rng.standard_normal((d, 2)))                     # (d, 2) orthonormal columns u1, u2
+    gen = rng if generator_seed is None else np.random.default_rng([generator_seed, 7])
+    u, _ = np.linalg.qr(gen.standard_normal((d, 2)))                     # (d, 2) orthonormal columns u1, u2
     u1, u2 = u[:, 0], u[:, 1]
     weights = c * np.stack([u1, rho * u1 + np.sqrt(1.0 - rho**2) * u2])  # (2, d)
-    alpha, beta = rng.standard_normal(m), rng.standard_normal(m)         # (m,), (m,) shared by both tasks
+    alpha, beta = gen.standard_normal(m), gen.standard_normal(m)         # (m,), (m,) shared by both tasks
     x = rng.standard_normal((n, d))                                      # (n, d)
     y = _targets(x, weights, alpha, beta, noise_std, rng)                # (n, 2)
     meta = dict(weights=weights, alpha=alpha, beta=beta, rho=rho, c=c, noise_std=noise_std)
@@ -69,7 +74,7 @@ def cluster_of_tasks(num_tasks, num_clusters) -> np.ndarray:
 
 
 def clustered_synthetic(n, num_tasks, num_clusters, rho=0.9, d=100, c=1.0, m=10, noise_std=0.1,
-                        seed=0) -> TabularTasks:
+                        seed=0, generator_seed=None) -> TabularTasks:
     """`num_tasks` regression tasks in `num_clusters` clusters of related tasks (the DSelect-k many-task setting).
 
     One orthonormal base vector u_k per cluster; task t of cluster k has
@@ -78,7 +83,8 @@ def clustered_synthetic(n, num_tasks, num_clusters, rho=0.9, d=100, c=1.0, m=10,
     num_clusters + num_tasks ≤ d the v_t are also orthonormal, so these are exactly ρ² and 0; otherwise each v_t is
     a random unit vector of the (d − K)-dimensional complement and v_sᵀv_t ≈ 0 (of order 1/sqrt(d − K)).
     Tasks are assigned to clusters in contiguous blocks (`cluster_of_tasks`); `clusters` holds the assignment.
-    The targets use the same sinusoid formula, with α, β shared by all tasks, as `mmoe_synthetic`.
+    The targets use the same sinusoid formula, with α, β shared by all tasks, as `mmoe_synthetic`;
+    generator_seed, when given, draws the directions, α and β (the examples still come from `seed`).
     """
     fn = "clustered_synthetic"
     _check_common(fn, n, rho, d, m, noise_std)
@@ -90,18 +96,19 @@ def clustered_synthetic(n, num_tasks, num_clusters, rho=0.9, d=100, c=1.0, m=10,
     _check(num_clusters < d, f"{fn}: num_clusters={num_clusters} must be < d={d}: the cluster base vectors are "
            f"orthogonal and the task directions v_t must lie outside them; raise d or lower num_clusters")
     rng = np.random.default_rng(seed)
+    gen = rng if generator_seed is None else np.random.default_rng([generator_seed, 7])
     K, T = num_clusters, num_tasks
     if K + T <= d:
-        q, _ = np.linalg.qr(rng.standard_normal((d, K + T)))             # (d, K+T) orthonormal
+        q, _ = np.linalg.qr(gen.standard_normal((d, K + T)))             # (d, K+T) orthonormal
         u, v = q[:, :K], q[:, K:]                                        # (d, K) bases, (d, T) task directions
     else:
-        u, _ = np.linalg.qr(rng.standard_normal((d, K)))                 # (d, K)
-        v = rng.standard_normal((d, T))
+        u, _ = np.linalg.qr(gen.standard_normal((d, K)))                 # (d, K)
+        v = gen.standard_normal((d, T))
         v -= u @ (u.T @ v)                                               # project out every cluster base
         v /= np.linalg.norm(v, axis=0, keepdims=True)                    # (d, T) unit columns
     clusters = cluster_of_tasks(T, K)                                    # (T,)
     weights = c * (rho * u[:, clusters] + np.sqrt(1.0 - rho**2) * v).T   # (T, d)
-    alpha, beta = rng.standard_normal(m), rng.standard_normal(m)         # (m,), (m,)
+    alpha, beta = gen.standard_normal(m), gen.standard_normal(m)         # (m,), (m,)
     x = rng.standard_normal((n, d))                                      # (n, d)
     y = _targets(x, weights, alpha, beta, noise_std, rng)                # (n, T)
     meta = dict(weights=weights, alpha=alpha, beta=beta, rho=rho, c=c, noise_std=noise_std)

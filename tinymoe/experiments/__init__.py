@@ -1,7 +1,8 @@
-"""The experiments of docs/design.md §7, one small module each, and the `tinymoe experiment` command.
+"""The experiments, one small module each, and the `tinymoe experiment` command.
 
-    tinymoe experiment e1 --preset small --seeds 3 --out runs/e1
+    tinymoe experiment e1 --preset small --out runs/experiments/e1-small
     python -m tinymoe.experiments e2 --preset tiny
+    tinymoe experiment report [--run]      # docs/results.md from the saved results (report.py)
 
 | name | module        | question                                                                  |
 |------|---------------|---------------------------------------------------------------------------|
@@ -9,8 +10,11 @@
 | e2   | e2_transfer   | low-resource transfer (Gupta et al. 2022, claim i)                        |
 | e3   | e3_unseen     | few-shot unseen tasks via description-composed routing (claim ii)         |
 | e4   | e4_unrelated  | adding unrelated tasks (claim iii)                                        |
+| e5   | e5_digits     | gates on multi-digit images (Hazimeh et al. 2021, real-data evaluation)   |
+| e6   | e6_scale      | cluster recovery against the number of tasks and experts (scale sweep)    |
 
-Each writes results.md (mean ± std over seeds) and a PNG into its run folder (--out, default
+Each trains every arm on the same paired seeds and writes results.md (tables and paired comparisons with their
+verdicts, tinymoe.experiments.stats), results.json and PNGs into its run folder (--out, default
 runs/experiments/<name>-<time>). `--preset tiny` runs in seconds (tests); `--preset small` in minutes.
 """
 from __future__ import annotations
@@ -19,7 +23,7 @@ import argparse
 import importlib
 import os
 
-EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated"}
+EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits", "e6": "e6_scale"}
 
 
 def get(name):
@@ -36,7 +40,15 @@ def run(name, preset="small", seeds=None, out=None, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tinymoe experiment", description="Run one of the experiments of docs/design.md §7.")
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "report":
+        from .report import main as report_main
+
+        return report_main(argv[1:])
+    p = argparse.ArgumentParser(prog="tinymoe experiment", description="Run one of the experiments (e1 .. e6), or "
+                                "`tinymoe experiment report` to write docs/results.md.")
     p.add_argument("name", choices=[*EXPERIMENTS, *EXPERIMENTS.values()], help="which experiment")
     p.add_argument("--preset", default="small", choices=["small", "tiny"], help="small: minutes; tiny: seconds")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
@@ -51,5 +63,7 @@ def main(argv=None) -> int:
         os.environ["TINYMOE_BACKEND"] = args.backend
     result = run(args.name, args.preset, args.seeds, args.out, log=(lambda *a: None) if args.quiet else print)
     print(result["table"])
+    for c in result.get("comparisons", []):
+        print(c.sentence())
     print(f"\nwrote {result['dir']}/results.md ({result['seconds']:.0f} s)")
     return 0

@@ -1,9 +1,11 @@
-"""What every experiment shares: the run folder, the seeds loop, mean ± std, a markdown table, a plot, the
-adjusted Rand index, the backend choice, and the sequence models of E2-E4.
+"""What every experiment shares: the run folder, mean ± std, markdown tables, plots (forest plots of paired
+differences), the adjusted Rand index, the backend choice, the lr grid tuned per arm, the arms of the sequence
+experiments (with the task-blind and oracle routers), and the shared-bottom baseline of E1.
 
 An experiment module defines `PRESETS = {"tiny": {...}, "small": {...}}` and
-`run(preset="small", seeds=None, out=None, log=print) -> dict` that writes results.md and a PNG into its run
-folder and returns {"dir", "table", "rows", "seconds"}.
+`run(preset="small", seeds=None, out=None, log=print) -> dict` that writes results.md, results.json and PNGs into
+its run folder and returns {"dir", "table", "rows", "comparisons", "seconds"}; the comparisons are
+tinymoe.experiments.stats.Comparison objects with their verdicts.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from datetime import datetime
 
 import numpy as np
 
-from ..nn import SharedBottom  # noqa: F401  (the E1 baseline lives in the library: `tinymoe train` builds it too)
+from ..nn import Module, SharedBottom  # noqa: F401  (SharedBottom, the E1 baseline, lives in the library: `tinymoe train` builds it too)
 
 # ---- run folder, backend, seeds ----------------------------------------------------------------------------------
 
@@ -39,8 +41,9 @@ def preset_config(presets, preset, seeds=None) -> dict:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(presets)}")
     cfg = dict(presets[preset])
     if seeds is not None:
-        if seeds < 1:
-            raise ValueError(f"--seeds must be ≥ 1, got {seeds}")
+        if seeds < 2:
+            raise ValueError(f"--seeds must be ≥ 2 (a paired comparison needs at least two seeds; use ≥ 8 for a "
+                             f"verdict that can be decided), got {seeds}")
         cfg["seeds"] = seeds
     return cfg
 
@@ -151,34 +154,196 @@ class Timer:
 
 # ---- the sequence-task models of E2–E4 ----------------------------------------------------------------------------
 
-# name -> (moe_every, router). Every model gets the task id through a task embedding added to its tokens (tasks
-# map the same inputs to different outputs, so even a "task-agnostic" model must be told the task); the MoE
-# variants differ only in what their router sees. MoE layers use top-1 of E experts of the dense FFN's width:
-# the same active compute per token as the dense model.
-SEQ_VARIANTS = {
-    "dense": (0, "token"),
-    "MoE token (task-agnostic)": (1, "token"),
-    "MoE add (task-aware)": (1, "add"),
-    "MoE concat (task-aware)": (1, "concat"),
-    "MoE task-level (task-aware)": (1, "task"),
+# Every arm gets the task id through a task embedding added to its input tokens (the tasks map the same inputs to
+# different outputs, so every model must be told the task somewhere); the arms differ in their FFN and in what
+# their router sees. No two arms compute the same function class: the "concat" router is left out because
+# [x; e]·W = x·W_x + e·W_e is exactly the "add" router.
+#
+# name -> (moe_every, router, d_ff multiplier)
+#   dense                    one FFN of width d_ff: the active FLOPs of a top-1 MoE layer
+#   dense ×E (equal params)  one FFN of width E·d_ff: about the total parameters of the MoE layer
+#   MoE task-blind router    the router sees only the token + position embedding, never the task (BlindRouter)
+#   MoE token router         the usual router on the residual stream, which carries the task embedding
+#   MoE add (task-aware)     h = x·W + e_task·U (Gupta et al. 2022, §3)
+#   MoE task-level           h = e_task·U: every token of a task goes to the same expert (Kudugunta et al. 2021)
+#   MoE oracle routing       no learned router: block l sends every token to the expert of part l of the task's
+#                            description (FixedRouter), the routing a perfect composition-aware router would pick
+SEQ_ARMS = {
+    "dense": (0, "token", 1),
+    "dense ×E (equal params)": (0, "token", "E"),
+    "MoE task-blind router": (1, "blind", 1),
+    "MoE token router (task via input)": (1, "token", 1),
+    "MoE add (task-aware)": (1, "add", 1),
+    "MoE task-level": (1, "task", 1),
+    "MoE oracle routing": (1, "oracle", 1),
 }
 
 
-def sequence_model(variant, num_tasks, vocab_size, seq_len, cfg, seed, descriptions=None, num_parts=None):
-    """A MoETransformer for `variant` (a key of SEQ_VARIANTS); descriptions -> composed task embeddings."""
+class BlindRouter(Module):
+    """A token router that cannot see the task: h = (token + position embedding)·W + b, read from a box that
+    BlindRouterTransformer fills before each forward (the MoE layer's own input carries the task embedding)."""
+
+    kind, needs_tasks = "blind", False
+
+    def __init__(self, inner, box):
+        self.inner = inner  # a tinymoe.nn.Router("token") of the right output size
+        self.box = box  # {"x": (N, d) task-free token + position embeddings of the current batch}
+
+    def forward(self, x, task_ids=None):
+        return self.inner(self.box["x"])
+
+
+class FixedRouter(Module):
+    """No parameters: logits (N, E) = 20·onehot(table[task]) — every token of a task to one chosen expert."""
+
+    kind, needs_tasks = "oracle", True
+
+    def __init__(self, table, num_experts):
+        self.table = np.asarray(table, dtype=np.int64)  # (tasks,) expert per task id
+        self.num_experts = num_experts
+
+    def forward(self, x, task_ids=None):
+        from ..engine import Tensor
+
+        logits = np.zeros((len(task_ids), self.num_experts), np.float32)
+        logits[np.arange(len(task_ids)), self.table[np.asarray(task_ids)]] = 20.0
+        return Tensor(logits.astype(x.dtype))
+
+
+def _moe_transformer_class():
+    from ..model import MoETransformer
+
+    class BlindRouterTransformer(MoETransformer):
+        """MoETransformer whose MoE routers see only the task-free token + position embeddings (BlindRouter)."""
+
+        def forward(self, tokens, task_ids=None, padding_mask=None):
+            t = np.asarray(tokens.data if hasattr(tokens, "data") else tokens)
+            x0 = self.tok_emb(t) + self.pos_emb(np.arange(t.shape[1]))  # (B, T, d), no task
+            self._box["x"] = x0.reshape(-1, self.config.d_model)
+            return super().forward(tokens, task_ids, padding_mask)
+
+    return BlindRouterTransformer
+
+
+def oracle_table(descriptions, layer, num_experts, part_ids):
+    """Expert per task for MoE block `layer`: the expert of the task's part at that depth (a one-part task repeats
+    its part); part_ids maps part name -> expert (taken mod E)."""
+    return [part_ids[d[min(layer, len(d) - 1)]] % num_experts for d in descriptions]
+
+
+def sequence_model(arm, num_tasks, vocab_size, seq_len, cfg, seed, descriptions=None, num_parts=None,
+                   task_parts=None):
+    """A MoETransformer for `arm` (a key of SEQ_ARMS). descriptions (part ids per task) -> description-composed
+    task embeddings; task_parts (part names per task) is needed by the oracle arm."""
     from ..model import ModelConfig, MoETransformer
+    from ..nn.routers import Router
 
-    moe_every, router = SEQ_VARIANTS[variant]
+    if arm not in SEQ_ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose one of {list(SEQ_ARMS)}")
+    moe_every, router, mult = SEQ_ARMS[arm]
+    d_ff = cfg["d_ff"] * (cfg["num_experts"] if mult == "E" else 1)
     config = ModelConfig(vocab_size=vocab_size, max_seq_len=seq_len, d_model=cfg["d_model"], n_layers=cfg["n_layers"],
-                         n_heads=cfg["n_heads"], d_ff=cfg["d_ff"], num_experts=cfg["num_experts"], k=1,
-                         moe_every=moe_every, gate="top_k", router=router, num_tasks=num_tasks, task_embedding=True,
-                         task_descriptions=descriptions, num_description_parts=num_parts, seed=seed)
-    return MoETransformer(config)
+                         n_heads=cfg["n_heads"], d_ff=d_ff, num_experts=cfg["num_experts"], k=1,
+                         moe_every=moe_every, gate="top_k", router=router if router in ("token", "add", "task")
+                         else "token", num_tasks=num_tasks, task_embedding=True, task_descriptions=descriptions,
+                         num_description_parts=num_parts, seed=seed)
+    if router == "blind":
+        model = _moe_transformer_class()(config)
+        model._box = {}
+        for i, moe in enumerate(model.moe_layers):
+            inner = Router(cfg["d_model"], cfg["num_experts"], "token", seed=seed * 1000 + i)
+            moe.router = BlindRouter(inner, model._box)
+        return model
+    model = MoETransformer(config)
+    if router == "oracle":
+        if task_parts is None:
+            raise ValueError("the oracle arm routes by the task's parts: pass task_parts (part names per task)")
+        names = sorted({p for d in task_parts for p in d})
+        part_ids = {p: i for i, p in enumerate(names)}
+        for layer, moe in enumerate(model.moe_layers):
+            moe.router = FixedRouter(oracle_table(task_parts, layer, cfg["num_experts"], part_ids), cfg["num_experts"])
+        model._oracle_parts = part_ids
+    return model
 
 
-def optim_config(cfg, seed, steps=None, lr=None):
+def optim_config(cfg, seed, steps=None, lr=None, batch_size=None):
     from ..train import OptimConfig
 
     steps = steps or cfg["steps"]
-    return OptimConfig(optimizer="adam", lr=lr or cfg["lr"], steps=steps, batch_size=cfg["batch_size"],
+    return OptimConfig(optimizer="adam", lr=lr or cfg["lr"], steps=steps, batch_size=batch_size or cfg["batch_size"],
                        warmup_steps=min(50, steps // 10), eval_every=max(steps // 5, 1), seed=seed)
+
+
+def lr_grid(cfg) -> list:
+    """The learning rates every arm tries (the same grid for every arm); the best on validation is kept."""
+    return list(cfg.get("lrs") or [cfg["lr"]])
+
+
+TUNING_SEED = 1000  # lr tuning uses its own data and initialisation, never one of the evaluation seeds
+
+
+def tune_lr(arms, val_score, cfg, log=print) -> dict:
+    """The lr of the shared grid with the best validation score (higher is better) for each arm, from one run per
+    (arm, lr) on TUNING_SEED; the evaluation seeds then all use that lr. val_score(arm, lr, seed) -> float.
+    A one-value grid needs no runs."""
+    grid = lr_grid(cfg)
+    if len(grid) == 1:
+        return {arm: grid[0] for arm in arms}
+    chosen = {}
+    for arm in arms:
+        scores = [val_score(arm, lr, TUNING_SEED) for lr in grid]
+        chosen[arm] = grid[int(np.argmax(scores))]
+        log(f"  lr tuning {arm}: " + ", ".join(f"{lr:g} -> {s:.3f}" for lr, s in zip(grid, scores))
+            + f"; using {chosen[arm]:g}")
+    return chosen
+
+
+# ---- paired comparisons: tables, plots, saved results ----------------------------------------------------------
+
+
+def comparison_table(comparisons) -> str:
+    from .stats import CANNOT_TELL
+
+    rows = [[c.claim + ("" if c.primary else " (secondary)"), f"{c.arm} − {c.baseline}", c.metric,
+             c.interval(), c.seeds, f"{c.p:.3g}", "—" if c.p_holm is None else f"{c.p_holm:.3g}",
+             f"**{c.verdict}**" if c.verdict != CANNOT_TELL else c.verdict] for c in comparisons]
+    return markdown_table(["claim", "arm − baseline", "metric", "mean paired diff. [95 % t CI]", "seeds",
+                           "sign-flip p", "Holm p", "verdict"], rows)
+
+
+def interval_plot(path, filename, title, comparisons):
+    """A forest plot: each comparison's mean paired difference with its 95 % CI, signed so that right = the claim's
+    direction; green holds, red contradicted, grey cannot tell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .stats import CONTRADICTED, HOLDS
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(comparisons) + 1.2))
+    for i, c in enumerate(comparisons):
+        s = c.direction
+        lo, hi = sorted((s * c.low, s * c.high))
+        color = {HOLDS: "tab:green", CONTRADICTED: "tab:red"}.get(c.verdict, "tab:gray")
+        ax.errorbar([s * c.mean], [i], xerr=[[s * c.mean - lo], [hi - s * c.mean]], fmt="o", color=color, capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(comparisons)))
+    ax.set_yticklabels([f"{c.arm} vs {c.baseline}" + ("" if c.primary else " *") for c in comparisons], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="paired difference, signed so that > 0 favours the claim (95 % t CI)", title=title)
+    fig.tight_layout()
+    file = os.path.join(path, filename)
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file
+
+
+def save_results(path, payload) -> str:
+    """results.json: the per-seed values and the comparisons, for `tinymoe experiment report`."""
+    import json
+
+    file = os.path.join(path, "results.json")
+    with open(file, "w") as f:
+        json.dump(payload, f, indent=1, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else float(o))
+    return file
