@@ -115,15 +115,15 @@ def _check_comparisons(result, seeds):
 
 @pytest.mark.slow
 def test_e1_tiny(tmp_path):
-    from tinymoe.experiments.e1_gates import MODELS, ORACLE, PRESETS
+    from tinymoe.experiments.e1_gates import MODELS, MODELS_A, ORACLE, PRESETS
 
     text, rows, result = _run("e1", tmp_path)
     assert "Part A" in text and "Part B" in text and "linear R²" in text
     rhos = PRESETS["tiny"]["rhos"]
     header_a = ["model", *[f"ρ = {r}" for r in rhos], "mean over ρ"]
     assert header_a in rows
-    part_a = [r for r in rows if len(r) == len(header_a) and r != header_a and r[0] in MODELS]
-    assert [r[0] for r in part_a] == MODELS
+    part_a = [r for r in rows if len(r) == len(header_a) and r != header_a and r[0] in MODELS_A]
+    assert [r[0] for r in part_a] == MODELS_A and MODELS_A[-2:] == ["CGC", "PLE"]  # Tang et al. 2020 beside MMoE
     assert all(_is_mean_std(c) and float(c.split(" ± ")[0]) >= 0 for r in part_a for c in r[1:])
     part_b = [r for r in rows if len(r) == 5 and r[0] in [*MODELS, ORACLE]]
     assert [r[0] for r in part_b] == [*MODELS, ORACLE]

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..data import clustered_synthetic, mmoe_synthetic, train_val_test_split
 from ..gates import scatter_rows, top_k_gate
-from ..nn import MultiGateMoE
+from ..nn import CGC, PLE, MultiGateMoE
 from ..nn.module import Parameter
 from ..engine import Tensor, no_grad
 from .common import (SharedBottom, Timer, adjusted_rand_index, comparison_table, fastest_backend, fmt,
@@ -49,6 +49,7 @@ PRESETS = {
 
 MODELS = ["ridge", "shared-bottom", "MMoE (softmax)", "top-k per-example", "top-k static", "DSelect-k static",
           "DSelect-k per-example"]
+MODELS_A = [*MODELS, "CGC", "PLE"]  # part A also compares the explicit task/shared split of Tang et al. 2020
 ORACLE = "oracle (task -> its cluster's expert)"
 GATED = [m for m in MODELS if m not in ("ridge", "shared-bottom")]
 PRIMARY_A = ("DSelect-k static", "top-k static")
@@ -91,6 +92,10 @@ class StaticGateMoE(MultiGateMoE):
 
 def make_model(name, d, num_tasks, cfg, seed, clusters=None):
     E, k, f, h, o = cfg["num_experts"], cfg["k"], cfg["d_expert"], cfg["d_hidden"], cfg.get("out_dim", 1)
+    if name in ("CGC", "PLE"):  # Tang et al. 2020: the E experts split into each task's own and shared ones
+        kw = dict(num_task_experts=max(1, (E - E // 2) // num_tasks), num_shared_experts=E // 2, seed=seed,
+                  d_hidden=h, out_dim=o)
+        return CGC(d, f, num_tasks, **kw) if name == "CGC" else PLE(d, f, num_tasks, num_levels=2, **kw)
     if name == "shared-bottom":  # hidden width k·h: the same work per example as a top-k model
         return SharedBottom(d, f, num_tasks, seed, d_hidden=k * h, out_dim=o)
     if name == "top-k static":
@@ -189,7 +194,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     T, K = cfg["clusters"]
     cfg_b = {**cfg, **cfg["clustered"]}
     generator, r2 = pick_generator(cfg)
-    nmse = {(m, rho): [] for m in MODELS for rho in cfg["rhos"]}  # mean over the two tasks, per seed
+    nmse = {(m, rho): [] for m in MODELS_A for rho in cfg["rhos"]}  # mean over the two tasks, per seed
     models_b = [*MODELS, ORACLE]
     cl = {m: [] for m in models_b}
     ari, null, used = ({m: [] for m in GATED} for _ in range(3))
@@ -206,7 +211,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     with fastest_backend() as backend:
         log(f"E1 ({preset}): backend {backend}, {cfg['seeds']} seeds, generator seed {generator} (linear R² "
             f"{r2:.2f}), lr grid {lr_grid(cfg)}")
-        nets = [m for m in MODELS if m != "ridge"]
+        nets = [m for m in MODELS_A if m != "ridge"]
         mid = cfg["rhos"][len(cfg["rhos"]) // 2]
         lrs = tune_lr(nets, lambda name, lr, seed: -fit_model(name, part_a(seed, mid), cfg, seed, lr)[1], cfg, log)
         ds_tune, data_tune = part_b(1000)
@@ -216,7 +221,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
         for seed in range(cfg["seeds"]):
             for rho in cfg["rhos"]:  # Part A: two tasks, correlation rho
                 data = part_a(seed, rho)
-                for name in MODELS:
+                for name in MODELS_A:
                     _, _, test = fit_model(name, data, cfg, seed, lrs.get(name))
                     nmse[(name, rho)].append(float(test.mean()))
                     log(f"  seed {seed} rho {rho} {name}: normalised MSE " + ", ".join(f"{v:.3f}" for v in test))
@@ -236,7 +241,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
 
     comparisons = comparisons_of(nmse, cl, ari, null, cfg)
     rows_a = [[name, *[fmt(nmse[(name, rho)]) for rho in cfg["rhos"]],
-               fmt(np.mean([nmse[(name, rho)] for rho in cfg["rhos"]], axis=0))] for name in MODELS]
+               fmt(np.mean([nmse[(name, rho)] for rho in cfg["rhos"]], axis=0))] for name in MODELS_A]
     table_a = markdown_table(["model", *[f"ρ = {rho}" for rho in cfg["rhos"]], "mean over ρ"], rows_a)
     rows_b = [[name, fmt(cl[name]), fmt(ari[name], 2) if name in GATED else "—",
                fmt(null[name], 2) if name in GATED else "—", fmt(used[name], 1) if name in GATED else "—"]
