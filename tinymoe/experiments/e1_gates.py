@@ -13,7 +13,10 @@ on a separate seed).
   seeds 0–15 as the one whose linear R² is closest to ½, so there is a non-linear half for the networks to learn
   and ρ decides how much of it the tasks share. The recipe's constants are not pinned down here (we use c = 1,
   m = 10 on d = 20 inputs; one checked copy of the recipe uses c = 0.3, m = 5): choosing the generator by its
-  linear R² makes the setting explicit whatever the constants.
+  linear R² makes the setting explicit whatever the constants. Part A also trains CGC and PLE (Tang et al. 2020):
+  the same E experts split into each task's own (E/4 per task here) and E/2 shared ones, gated per task; PLE
+  stacks two such levels, so it has about twice the experts' parameters of the others — its row is not an
+  equal-parameter comparison, and no verdict below rests on it.
 * Part B — the clustered many-task data (tasks in clusters of related tasks): normalised MSE, and how well the
   experts each task selects recover the true clusters. A task's selected set is the (at most) k experts with
   the largest mean gate weight on the test set, ignoring any below 0.01; tasks with the same set form one implied
