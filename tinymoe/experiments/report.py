@@ -79,6 +79,13 @@ def summary_rows(results):
     return rows
 
 
+def _module(name):
+    """The module of experiment `name` (imported by name: the package imports this module, not the reverse)."""
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{NAMES[name]}")
+
+
 def build(results, preset, doc_dir) -> str:
     """The text of docs/results.md; copies each experiment's PNGs into doc_dir/results/."""
     from .common import markdown_table
@@ -122,9 +129,7 @@ def build(results, preset, doc_dir) -> str:
         res = results[name]
         folder = res["_dir"]
         lines += [f"## {TITLES[name]}", ""]
-        from . import get
-
-        about = (get(name).__doc__ or "").split("\n", 1)[-1].strip()  # the module docstring: what and why
+        about = (_module(name).__doc__ or "").split("\n", 1)[-1].strip()  # the module docstring: what and why
         if about:
             lines += [about, ""]
         with open(os.path.join(folder, "results.md")) as f:
@@ -145,14 +150,12 @@ def build(results, preset, doc_dir) -> str:
 
 def report(preset="small", root=os.path.join("runs", "experiments"), doc=os.path.join("docs", "results.md"),
            run_missing=False, backend="numpy", log=print) -> str:
-    from . import run as run_experiment
-
     results = {}
     for name in NAMES:
         res = load(root, name, preset)
         if res is None and run_missing:
             os.environ.setdefault("TINYMOE_BACKEND", backend)
-            run_experiment(name, preset, out=run_folder(root, name, preset), log=log)
+            _module(name).run(preset=preset, out=run_folder(root, name, preset), log=log)
             res = load(root, name, preset)
         if res is not None:
             res["_dir"] = run_folder(root, name, preset)
