@@ -143,8 +143,8 @@ for t in range(T):
         ax.add_patch(plt.Rectangle((t, j), 0.95, 0.95, color=cmap(idx[t, j]), alpha=1.0 if keep[t, j] else 0.25))
         ax.text(t + 0.47, j + 0.47, str(idx[t, j]) if keep[t, j] else f"×{idx[t, j]}", ha="center", va="center", fontsize=9)
 ax.set(xlim=(0, T), ylim=(k, 0), xlabel="token t", ylabel="slot j",
-       title=f"Expert of each assignment; × = dropped (capacity factor {c}, C = {C} per expert,\n"
-             "all first choices served before any second choice, in token order)")
+       title=f"Expert of each assignment; × = dropped\n(capacity factor {c}, C = {C} per expert; all first "
+             "choices\nserved before any second choice, in token order)")
 ax.set_yticks([0.5, 1.5], ["1st choice", "2nd choice"])
 fig.tight_layout()
 fig.savefig(FIGURES / "02_capacity_drops.png", dpi=100)
