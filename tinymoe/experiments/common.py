@@ -16,6 +16,7 @@ from datetime import datetime
 import numpy as np
 
 from ..nn import Module, SharedBottom  # noqa: F401  (SharedBottom, the E1 baseline, lives in the library: `tinymoe train` builds it too)
+from ..plots import save_figure
 
 # ---- run folder, backend, seeds ----------------------------------------------------------------------------------
 
@@ -137,10 +138,7 @@ def bar_plot(path, filename, title, groups, series, ylabel):
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    file = os.path.join(path, filename)
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return file
+    return save_figure(fig, os.path.join(path, filename))  # atomic, like every file of a run
 
 
 class Timer:
@@ -333,10 +331,7 @@ def interval_plot(path, filename, title, comparisons):
     ax.invert_yaxis()
     ax.set(xlabel="paired difference, signed so that > 0 favours the claim (95 % t CI)", title=title)
     fig.tight_layout()
-    file = os.path.join(path, filename)
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return file
+    return save_figure(fig, os.path.join(path, filename))  # atomic, like every file of a run
 
 
 def save_results(path, payload) -> str:

@@ -28,6 +28,7 @@ from .common import (Timer, comparison_table, fastest_backend, fmt, interval_plo
                      mean_std, optim_config, preset_config, run_dir, save_results, sequence_model, tune_lr,
                      write_results)
 from .stats import compare, family
+from ..plots import save_figure
 
 PRESETS = {
     "tiny": dict(seeds=3, seen=[("reverse",), ("increment",), ("shift",), ("shift", "increment")],
@@ -180,5 +181,4 @@ def _plot(path, cfg, acc):
            title="E3: unseen compositions")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(f"{path}/e3_unseen.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"{path}/e3_unseen.png")

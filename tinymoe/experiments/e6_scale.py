@@ -16,6 +16,7 @@ from .common import (Timer, adjusted_rand_index, comparison_table, fastest_backe
                      partition_from_sets, preset_config, run_dir, save_results, write_results)
 from .e1_gates import fit_model, permutation_null_ari, pick_generator, selected_sets
 from .stats import HOLDS, compare
+from ..plots import save_figure
 
 PRESETS = {
     "tiny": dict(seeds=3, tasks=[4, 8], experts=[2, 4], n_per_task=40, d=10, c=1.0, m=10, d_expert=8, d_hidden=8,
@@ -106,5 +107,4 @@ def _plot(path, cfg, comparisons):
            title="E6: cluster recovery by DSelect-k static")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(f"{path}/e6_scale.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"{path}/e6_scale.png")
