@@ -127,3 +127,16 @@ def test_sentence_names_interval_and_seeds():
     c = compare(base + 0.1 + np.arange(8) * 0.01, base, claim="claim", arm="A", baseline="B", metric="acc")
     line = c.sentence()
     assert "HOLDS" in line and "8 paired seeds" in line and c.interval() in line
+
+
+def test_declared_builds_the_family_and_skips_arms_without_seeds():
+    """One primary comparison (unadjusted) and the secondary ones (Holm); an arm run on < 2 seeds is left out."""
+    from tinymoe.experiments.stats import declared
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=8)
+    values = {"A": base + 1.0, "B": base, "C": base + rng.normal(0, 0.01, 8), "D": [0.5]}
+    comps = declared(values, ("A", "B"), [("C", "B"), ("D", "B")], claim="c", metric="m")
+    assert [(c.arm, c.baseline, c.primary) for c in comps] == [("A", "B", True), ("C", "B", False)]
+    assert comps[0].p_holm is None and comps[0].verdict == HOLDS
+    assert comps[1].p_holm is not None and comps[1].verdict != HOLDS

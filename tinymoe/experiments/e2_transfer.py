@@ -22,7 +22,7 @@ from ..data import sequence_tasks
 from .common import (SEQ_ARMS, Timer, comparison_table, fastest_backend, fmt, interval_plot, lr_grid,
                      markdown_table, optim_config, preset_config, run_dir, save_results, sequence_model, tune_lr,
                      write_results)
-from .stats import compare, family
+from .stats import declared
 
 PRESETS = {
     "tiny": dict(seeds=3, related=[("reverse",), ("increment",)], target=("reverse", "increment"), n_related=60,
@@ -111,9 +111,4 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
 def comparisons_of(acc, cfg):
     scale = (f"{len(cfg['related']) + 1} tasks, {cfg['n_target']} target examples, d_model {cfg['d_model']}, "
              f"{cfg['num_experts']} experts")
-    out = []
-    for (arm, base), primary in [(PRIMARY, True), *[(p, False) for p in SECONDARY]]:
-        if arm in acc and base in acc and len(acc[arm]) >= 2:
-            out.append(compare(acc[arm], acc[base], claim=CLAIM, arm=arm, baseline=base, metric="target accuracy",
-                               direction=+1, primary=primary, scale=scale))
-    return family(out)
+    return declared(acc, PRIMARY, SECONDARY, claim=CLAIM, metric="target accuracy", direction=+1, scale=scale)

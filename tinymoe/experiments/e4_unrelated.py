@@ -23,7 +23,7 @@ import numpy as np
 from ..data import random_mapping_tasks, sequence_tasks
 from .common import (SEQ_ARMS, Timer, comparison_table, fastest_backend, fmt, interval_plot, lr_grid, markdown_table,
                      optim_config, preset_config, run_dir, save_results, sequence_model, tune_lr, write_results)
-from .stats import compare, family
+from .stats import declared
 
 PRESETS = {
     "tiny": dict(seeds=3, base=[("reverse",), ("increment",)], unrelated=dict(value=1, memorise=1), n_per_task=60,
@@ -136,12 +136,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
 def comparisons_of(delta, cfg):
     scale = (f"{len(cfg['base'])} base + {sum(cfg['unrelated'].values())} unrelated tasks, d_model {cfg['d_model']}, "
              f"{cfg['num_experts']} experts")
-    out = []
-    for (arm, base), primary in [(PRIMARY, True), *[(p, False) for p in SECONDARY]]:
-        if arm in delta and base in delta and len(delta[arm]) >= 2:
-            out.append(compare(delta[arm], delta[base], claim=CLAIM, arm=arm, baseline=base,
-                               metric="Δ base accuracy", direction=+1, primary=primary, scale=scale))
-    return family(out)
+    return declared(delta, PRIMARY, SECONDARY, claim=CLAIM, metric="Δ base accuracy", direction=+1, scale=scale)
 
 
 __all__ = ["PRESETS", "SEQ_ARMS", "run"]

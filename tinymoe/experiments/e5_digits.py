@@ -16,7 +16,7 @@ from ..data import multi_digits
 from .common import (Timer, comparison_table, fastest_backend, fmt, interval_plot, lr_grid, markdown_table,
                      optim_config, preset_config, run_dir, save_results, tune_lr, write_results)
 from .e1_gates import make_model, selected_sets
-from .stats import compare, family
+from .stats import declared
 
 PRESETS = {
     "tiny": dict(seeds=3, n_train=300, n_val=100, n_test=200, num_experts=4, k=2, d_expert=8, d_hidden=8,
@@ -62,9 +62,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
                 log(f"  seed {seed} {name}: test accuracy {acc[name][-1]:.3f}")
 
     scale = f"2 tasks, {cfg['n_train']} training images, E={cfg['num_experts']}, k={cfg['k']}"
-    comparisons = family([compare(acc[a], acc[b], claim=CLAIM, arm=a, baseline=b, metric="test accuracy",
-                                  direction=+1, primary=primary, scale=scale)
-                          for (a, b), primary in [(PRIMARY, True), *[(p, False) for p in SECONDARY]]])
+    comparisons = declared(acc, PRIMARY, SECONDARY, claim=CLAIM, metric="test accuracy", direction=+1, scale=scale)
     rows = [[m, fmt(acc[m]), fmt(used[m], 1) if m in used else "—", f"{lrs[m]:g}"] for m in MODELS]
     table = markdown_table(["model", "mean test accuracy (left, right)", "experts per gate (mean weight ≥ 0.01)",
                             "lr (tuned)"], rows)

@@ -201,6 +201,15 @@ def compare(arm_values, baseline_values, *, claim, arm, baseline, metric, direct
                       primary=primary, verdict=verdict(lo, hi, direction), scale=scale)
 
 
+def declared(values, primary, secondary, **compare_kw) -> list[Comparison]:
+    """An experiment's pre-declared comparisons: the `primary` (arm, baseline) pair and the `secondary` pairs over
+    per-seed `values[arm]`, Holm-corrected together (`family`); a pair with an arm run on fewer than 2 seeds is
+    left out."""
+    pairs = [(primary, True), *[(pair, False) for pair in secondary]]
+    return family([compare(values[a], values[b], arm=a, baseline=b, primary=is_primary, **compare_kw)
+                   for (a, b), is_primary in pairs if a in values and b in values and len(values[a]) >= 2])
+
+
 def family(comparisons, alpha=0.05) -> list[Comparison]:
     """Holm-correct the secondary comparisons of one experiment together and re-apply the verdict rule; the
     primary ones (one pre-declared comparison per claim) keep their unadjusted verdict."""
