@@ -196,12 +196,10 @@ def main(argv=None) -> int:
 
 def describe_error(e: BaseException) -> str:
     """One line for the user: the problem and the fix (the exception types that carry both print as they are)."""
-    import errno
-
     from .backends import BackendUnavailable
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .runs import RunFailed
+    from .runs import RunFailed, describe_os_error
     from .train import TrainingDiverged
 
     if isinstance(e, (ConfigError, CheckpointError, BackendUnavailable, RunFailed, TrainingDiverged)):
@@ -211,10 +209,7 @@ def describe_error(e: BaseException) -> str:
     elif isinstance(e, MemoryError):
         text = "out of memory; make the model, the batch or the data smaller"
     elif isinstance(e, OSError):
-        fix = {errno.ENOSPC: "free some disk space", errno.EROFS: "the file system is read-only: write elsewhere",
-               errno.EACCES: "no permission: write elsewhere or fix the permissions",
-               errno.ENOENT: "check the path"}.get(e.errno, "check the path and the disk")
-        text = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}; {fix}"
+        text = describe_os_error(e)
     else:
         text = (f"unexpected {type(e).__name__}: {e}. This is a bug in tinymoe: rerun with --debug for the "
                 "traceback and report it")

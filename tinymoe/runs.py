@@ -382,12 +382,17 @@ def _failure(e, run_dir) -> str:
         return f"out of memory while training; make the model or batch smaller ({then})"
     if not isinstance(e, OSError):
         return f"{e} ({then})"
-    where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{describe_os_error(e)} ({then})"
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OSError as the problem and the fix, e.g. "No space left on device: runs/r/x.tmp; free some disk space"."""
+    no_write = "write to another folder (--run-dir, out) or fix the permissions"
     fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
-           errno.EROFS: "the file system is read-only: pick a writable --run-dir",
-           errno.EACCES: "no permission: pick a writable --run-dir", errno.EPERM: "no permission: pick a writable "
-           "--run-dir"}.get(e.errno, "check the disk and the folder")
-    return f"{e.strerror or e}{where}; {fix} ({then})"
+           errno.EROFS: "the file system is read-only: write to another folder (--run-dir, out)",
+           errno.EACCES: f"no permission: {no_write}", errno.EPERM: f"no permission: {no_write}",
+           errno.ENOENT: "check the path"}.get(e.errno, "check the path and the disk")
+    return f"{e.strerror or e}{f': {e.filename}' if getattr(e, 'filename', None) else ''}; {fix}"
 
 
 def resolved_config(cfg: RunConfig, train) -> RunConfig:
