@@ -124,13 +124,10 @@ def transformer_parameters(c) -> int:
     d, f, E = c.d_model, c.d_ff, c.num_experts
     ffn = 2 * d * f + f + d  # one FFN or expert: W1, b1, W2, b2
     n = (c.vocab_size + c.max_seq_len) * d + (c.num_tasks * d if c.task_embedding else 0) + 2 * d  # + final norm
-    m = (E - 1).bit_length()  # ⌈log2 E⌉ bits of a DSelect-k code
-    router_out = c.k * m + c.k if c.gate == "dselect_k" else E
     for i in range(c.n_layers):
         n += 4 * d * d + 4 * d + 4 * d  # attention (q, k, v, out) + two layer norms
         if c.moe_every > 0 and (i + 1) % c.moe_every == 0:
-            routers = 0 if c.gate == "hash" else 2 if c.gate == "noisy_top_k" else 1
-            n += E * ffn + c.num_shared_experts * ffn + routers * (d + 1) * router_out  # task routers hold more
+            n += moe_layer_parameters(d, f, E, c.gate, c.k, c.num_shared_experts)
         else:
             n += ffn
     classes = c.num_classes or c.vocab_size
@@ -171,13 +168,18 @@ def _transformer_parameters(config):
     return transformer_parameters(ModelConfig(**config))
 
 
-def _moe_parameters(c):
-    """Experts, shared experts and the router(s); a lower bound for the task-aware routers (task tables left out)."""
-    d, f, E, gate, k = c["d_model"], c["d_ff"], c["num_experts"], c.get("gate", "top_k"), c.get("k", 2)
-    m = (E - 1).bit_length()  # ⌈log2 E⌉
+def moe_layer_parameters(d, f, E, gate="top_k", k=2, num_shared_experts=0) -> int:
+    """One tm.nn.MoE: the E experts and the shared ones (W1, b1, W2, b2 each) and its router(s) — two for noisy
+    top-k, none for hash; a lower bound for the task-aware routers (their task tables are left out)."""
+    m = (E - 1).bit_length()  # ⌈log2 E⌉ bits of a DSelect-k code
     routers = 0 if gate == "hash" else 2 if gate == "noisy_top_k" else 1
-    return (E + c.get("num_shared_experts", 0)) * (2 * d * f + f + d) + routers * (d + 1) * (
-        k * m + k if gate == "dselect_k" else E)
+    router_out = k * m + k if gate == "dselect_k" else E
+    return (E + num_shared_experts) * (2 * d * f + f + d) + routers * (d + 1) * router_out
+
+
+def _moe_parameters(c):
+    return moe_layer_parameters(c["d_model"], c["d_ff"], c["num_experts"], c.get("gate", "top_k"), c.get("k", 2),
+                                c.get("num_shared_experts", 0))
 
 
 def _multigate_parameters(c):
