@@ -26,36 +26,10 @@ from safetensors import safe_open  # noqa: E402
 from tinymoe import checkpoint as ckpt  # noqa: E402
 from tinymoe.cli import main  # noqa: E402
 from tinymoe.config import tomllib  # noqa: E402
+from tinymoe.config_docs import toml_value  # noqa: E402
+from runconfigs import tiny_run_toml  # noqa: E402
 
-TINY = """\
-name = "tiny"
-backend = "numpy"
-
-[data]
-kind = "sequence"
-tasks = ["copy", "reverse"]
-n_per_task = 30
-seq_len = 4
-vocab_size = 5
-
-[model]
-d_model = 8
-n_layers = 1
-n_heads = 2
-d_ff = 8
-num_experts = 4
-k = 2
-moe_every = 1
-router = "add"
-task_embedding = true
-
-[optim]
-steps = 6
-batch_size = 8
-warmup_steps = 1
-eval_every = 3
-checkpoint_every = 3
-"""
+TINY = tiny_run_toml("tiny", optim={"checkpoint_every": 3})
 
 TABLE = """\
 name = "table"
@@ -118,14 +92,6 @@ def snapshot(folder):
     if not folder.exists():
         return None
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def toml_value(v):
-    if isinstance(v, float):
-        return "nan" if v != v else ("inf" if v > 0 else "-inf") if v in (float("inf"), float("-inf")) else repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    return str(v)
 
 
 @pytest.fixture(scope="module")

@@ -10,36 +10,12 @@ import sys
 
 import pytest
 
+from runconfigs import tiny_run_toml
+
 from tinymoe.cli import main
 
-TINY_TOML = """\
-name = "tiny"
-backend = "numpy"
-
-[data]
-kind = "sequence"
-tasks = ["copy", "reverse"]
-n_per_task = 60
-seq_len = 5
-vocab_size = 6
-
-[model]
-d_model = 16
-n_layers = 1
-n_heads = 2
-d_ff = 16
-num_experts = 4
-k = 2
-moe_every = 1
-router = "add"
-task_embedding = true
-
-[optim]
-steps = 6
-batch_size = 16
-warmup_steps = 2
-eval_every = 3
-"""
+TINY_TOML = tiny_run_toml("tiny", data={"n_per_task": 60, "seq_len": 5, "vocab_size": 6}, model={"d_model": 16, "d_ff": 16},
+                          optim={"batch_size": 16, "warmup_steps": 2})
 
 TASKS = ("copy", "reverse")
 

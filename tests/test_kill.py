@@ -22,38 +22,10 @@ import pytest
 
 pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
+from runconfigs import tiny_run_toml  # noqa: E402
 
-CONFIG = """\
-name = "kill"
-backend = "numpy"
-
-[data]
-kind = "sequence"
-tasks = ["copy", "reverse"]
-n_per_task = 40
-seq_len = 5
-vocab_size = 6
-
-[model]
-d_model = 8
-n_layers = 1
-n_heads = 2
-d_ff = 8
-num_experts = 4
-k = 2
-moe_every = 1
-router = "add"
-task_embedding = true
-dropout = 0.1
-
-[optim]
-steps = 120
-batch_size = 8
-warmup_steps = 2
-eval_every = 2
-checkpoint_every = 2
-patience = 1000
-"""
+CONFIG = tiny_run_toml("kill", data={"n_per_task": 40, "seq_len": 5, "vocab_size": 6}, model={"dropout": 0.1},
+                       optim={"steps": 120, "warmup_steps": 2, "eval_every": 2, "checkpoint_every": 2, "patience": 1000})
 
 # The child: `python wrapper.py MODE N RUN_DIR CONFIG [--resume]`. MODE names where it SIGKILLs itself, on the Nth
 # such write: "ckpt_data" (half of a checkpoint's bytes written), "ckpt_rename" (after the fsync, before the
