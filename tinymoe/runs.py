@@ -246,8 +246,6 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     comm: an MPI communicator (`tinymoe.distributed`): every rank calls train_run, the experts are spread over the
     ranks, and the root alone owns the run folder (it locks and writes it: one checkpoint with every expert).
     """
-    from .train import evaluate, fit
-
     import importlib.util
 
     if resume and overwrite:
@@ -293,7 +291,7 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
     if parallel is not None and not parallel.is_root:  # distributed hook: the root owns the folder; wait for it
         run_dir = comm.bcast(None, root=0)
         return _train_locked(cfg, run_dir, splits, model, num_parameters, backend, log, progress, resume, overwrite,
-                             fit, evaluate, parallel)
+                             parallel)
 
     created = run_dir is None or not os.path.exists(run_dir)
     if run_dir is None:
@@ -310,7 +308,7 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         if parallel is not None:
             comm.bcast(run_dir, root=0)
         return _train_locked(cfg, run_dir, splits, model, num_parameters, backend, log, progress, resume, overwrite,
-                             fit, evaluate, parallel)
+                             parallel)
     except BaseException:
         ckpt = os.path.join(run_dir, "checkpoint.safetensors")
         if not resume and not os.path.exists(ckpt):  # nothing worth keeping: leave no half-written run behind
@@ -325,11 +323,10 @@ def train_run(cfg: RunConfig, run_dir=None, log=print, progress=True, resume=Fal
         lock.__exit__()
 
 
-def _train_locked(cfg, run_dir, splits, model, num_parameters, backend, log, progress, resume, overwrite, fit,
-                  evaluate, parallel):
+def _train_locked(cfg, run_dir, splits, model, num_parameters, backend, log, progress, resume, overwrite, parallel):
     """Train into run_dir (locked by the caller). With `parallel` (expert parallelism) every rank trains and only
     the root touches the folder."""
-    from .train import TrainingDiverged
+    from .train import TrainingDiverged, evaluate, fit
 
     root = parallel is None or parallel.is_root
     config_path = os.path.join(run_dir, "config.json")
