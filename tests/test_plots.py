@@ -156,3 +156,18 @@ def test_eval_names_the_split(run, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = max(r["val"]["mean"] for r in records)
     assert f"(mean {best:.4f})" in out  # the best-on-validation model's validation numbers
+
+
+def test_curves_of_a_cgc_run_name_each_expert_and_draw_no_uniform_line(tmp_path):
+    # CGC gates each task over its own experts and the shared ones, so "1/E" is not the balanced share of any
+    # expert: the panel labels the experts by name and leaves the reference line out.
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--quiet", "--set", "data.kind=mmoe", "--set",
+                 "data.n=300", "--set", "optim.steps=4", "--set", "optim.eval_every=2", "--set", "backend=numpy",
+                 "--set", "model.family=cgc"]) == 0
+    records = read_metrics(tmp_path / "r")
+    names = records[0]["experts"]
+    assert names[0] == "t0.e0" and names[-1].startswith("shared.") and len(names) == len(records[0]["expert_load"][0])
+    fig = curves_figure(records, "mse")
+    load = _lines_by_label(fig.axes[3])
+    assert list(load) == names and "uniform 1/E" not in load
+    matplotlib.pyplot.close(fig)

@@ -137,10 +137,13 @@ def curves_figure(records, metric="accuracy", title=""):
         pts = [(r["step"], r["expert_load"][i]) for r in records if len(r.get("expert_load", [])) > i]
         load = np.array([p[1] for p in pts])  # (evals, E)
         E = load.shape[1]
+        named = records[-1].get("experts")  # CGC / PLE name their experts ("t0.e1", "shared.e0")
+        labels = named if named and len(named) == E else [f"expert {e}" for e in range(E)]
         cmap = plt.get_cmap("tab10" if E <= 10 else "tab20")
         for e in range(E):
-            ax.plot([p[0] for p in pts], load[:, e], color=cmap(e % cmap.N), lw=1, label=f"expert {e}")
-        ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
+            ax.plot([p[0] for p in pts], load[:, e], color=cmap(e % cmap.N), lw=1, label=labels[e])
+        if not named:  # with task-specific experts no single share is "balanced", so no reference line
+            ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="uniform 1/E")
         gates = all("dropped" not in r for r in records)  # a multi-gate model: dense gate weights, no dispatch
         panel, ylabel = (("mean gate weight per expert (over tasks)", "mean gate weight") if gates else
                          (f"expert load f_i, MoE layer {i}", "share of assignments"))

@@ -413,7 +413,10 @@ def _routing_record(model) -> dict:
     model (one gate per task over shared experts) has one "layer": its mean gate weight per expert over tasks."""
     weights = getattr(model, "last_weights", None)
     if weights:
-        return {"expert_load": [np.round(np.mean([w.mean(axis=0) for w in weights], axis=0), 4).tolist()]}
+        record = {"expert_load": [np.round(np.mean([w.mean(axis=0) for w in weights], axis=0), 4).tolist()]}
+        if hasattr(model, "expert_names"):  # CGC / PLE: each task gates only its own and the shared experts
+            record["experts"] = list(model.expert_names)
+        return record
     layers = getattr(model, "moe_layers", None) or []
     stats = [m.last_routing for m in layers if m.last_routing is not None]
     if not stats:
