@@ -142,6 +142,7 @@ SEQ_CASES = {
     "expert_choice": lambda: transformer("expert_choice"),
     "hash": lambda: transformer("hash"),
     "softmax": lambda: transformer("softmax"),
+    "dropout": lambda: transformer("top_k", dropout=0.1),
     "task router, shared expert, task head": lambda: transformer("top_k", router="task", num_shared_experts=1,
                                                                  head="per_task", task_embedding=True),
 }
@@ -174,9 +175,11 @@ def syncs(model):
 
 
 def uploads(model):
-    """The copies to the device one step makes besides its batch: noisy top-k's noise, drawn on the host from the
-    layer's own Generator (so every device sees the same bits), one per noisy layer."""
-    return sum(isinstance(m, MoE) and m.config.gate == "noisy_top_k" for m in model.modules())
+    """The copies to the device one step makes besides its batch: noisy top-k's noise and dropout's masks, drawn
+    on the host from the module's own Generator (so every device sees the same bits): one per noisy layer, three
+    per transformer block with dropout (attention weights, attention output, FFN output)."""
+    noisy = sum(isinstance(m, MoE) and m.config.gate == "noisy_top_k" for m in model.modules())
+    return noisy + sum(3 for b in getattr(model, "blocks", []) if b.drop.p > 0)
 
 
 def train_step(model, opt, inputs, target_fn):

@@ -71,7 +71,8 @@ def unbroadcast(grad, shape):
 def check_device(op, a, b):
     """Both operands on one device (Tensors or arrays; Python data and scalars go anywhere), else an error that
     names both devices and the fix."""
-    da, db = (t.data if isinstance(t, Tensor) else t for t in (a, b))
+    da = a.data if isinstance(a, Tensor) else a
+    db = b.data if isinstance(b, Tensor) else b
     if type(da) is type(db) or not (hasattr(da, "ndim") and hasattr(db, "ndim")) \
             or isinstance(da, np.generic) or isinstance(db, np.generic):
         return
@@ -223,9 +224,7 @@ class Tensor:
         dtype = self.dtype
         if dtype.kind != "f" and isinstance(other, float):
             dtype = self.xp.float32
-        if isinstance(other, numbers.Number):  # filled on the device: no host-to-device copy of a constant
-            return Tensor(self.xp.full((), other, dtype=dtype), _fresh=True)
-        check_device("a constant", self, other)
+        check_device("a constant", self, other)  # (a Python number goes anywhere)
         return Tensor(self.xp.asarray(other, dtype=dtype))
 
     def __add__(self, other):
