@@ -18,11 +18,14 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, note
+from hypothesis import strategies as st
 
 import tinymoe as tm
 from tinymoe import data as D
 from tinymoe import functional as F
 from tinymoe.arrays import array_module
+from tinymoe import dispatch
 from tinymoe.checkpoint import load_checkpoint
 from tinymoe.guarded import GuardedArray, count_transfers, xp
 from tinymoe.model import ModelConfig, MoETransformer
@@ -125,6 +128,63 @@ def test_optimizer_state_follows_its_parameters_to_the_device_and_back():
     opt.step()  # the moments move once, then the update runs there
     assert all(isinstance(a, GuardedArray) for a in opt.state["exp_avg"])
     assert all(isinstance(v, np.ndarray) for k, v in opt.state_dict().items() if "." in k)  # saved from the host
+
+
+# ---- the hot path's reference, primitive by primitive, on drawn routings -----------------------------------------
+@st.composite
+def routings(draw):
+    """(expert_idx (T, k), E, keep or None, capacity, priority or None, seed) including the edges: one token,
+    k = E, all tokens on one expert, empty experts, nothing kept, capacity overflow, ties in the priority."""
+    T, E = draw(st.integers(1, 9)), draw(st.integers(1, 6))
+    k = draw(st.integers(1, E))
+    pattern = draw(st.sampled_from(["random", "one expert", "k = E"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    if pattern == "one expert":
+        idx = np.zeros((T, 1), np.int64) if k == 1 else np.argsort(rng.random((T, E)), axis=1)[:, :k]
+        idx[:, 0] = 0
+    elif pattern == "k = E":
+        k, idx = E, np.argsort(rng.random((T, E)), axis=1)
+    else:
+        idx = np.argsort(rng.random((T, E)), axis=1)[:, :k]
+    keep = draw(st.sampled_from([None, "random", "none"]))
+    keep = None if keep is None else (rng.random((T, k)) > 0.3 if keep == "random" else np.zeros((T, k), bool))
+    priority = draw(st.sampled_from([None, "random", "ties"]))
+    if priority is not None:
+        priority = rng.random((T, k)).astype(np.float32) if priority == "random" else np.ones((T, k), np.float32)
+    return idx.astype(np.int64), E, keep, draw(st.integers(0, T * k)), priority, rng
+
+
+@given(routings(), st.sampled_from(["relu", "gelu", "silu"]))
+def test_every_dispatch_primitive_on_the_device_equals_the_host_with_one_sync(case, activation):
+    idx, E, keep, cap, priority, rng = case
+    T, k = idx.shape
+    d, f = 3, 4
+    x, w = rng.standard_normal((T, d)).astype(np.float32), rng.random((T, k)).astype(np.float32)
+    w1, b1 = rng.standard_normal((E, d, f)).astype(np.float32), rng.standard_normal((E, f)).astype(np.float32)
+    w2, b2 = rng.standard_normal((E, f, d)).astype(np.float32), rng.standard_normal((E, d)).astype(np.float32)
+    host = [idx, keep, priority, x, w, w1, b1, w2, b2]
+    dev = [None if a is None else xp.asarray(a) for a in host]
+
+    def run(idx, keep, priority, x, w, w1, b1, w2, b2):
+        kept = dispatch.capacity_keep(idx, E, cap, priority, keep)
+        order, offsets, inverse = dispatch.route(idx, E, kept)
+        xs = dispatch.gather(x, order, k)
+        out, h = dispatch.expert_ffn(xs, offsets, w1, b1, w2, b2, activation)
+        y = dispatch.combine(out, w, inverse)
+        dout, dw = dispatch.combine_backward(y, out, w, inverse)
+        grads = dispatch.expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation)
+        dx = dispatch.gather_backward(grads[0], inverse, k, T)
+        return [kept, order, offsets, inverse, xs, out, h, y, dout, dw, dx, *grads[1:]]
+
+    want = run(*host)
+    with count_transfers() as moved:
+        got = run(*dev)
+    note(f"transfers {moved}")
+    assert (moved.to_host, moved.to_device) == (1, 0), moved  # the offsets, once
+    assert isinstance(got[2], np.ndarray)  # (they are host ints by design)
+    for name, a, b in zip("kept order offsets inverse xs out h y dout dw dx dw1 db1 dw2 db2".split(), want, got):
+        np.testing.assert_array_equal(a, b if isinstance(b, np.ndarray) else b.get(), err_msg=name)
+        assert isinstance(b, GuardedArray) or name == "offsets", name
 
 
 # ---- a whole training step, every model family ---------------------------------------------------------------------

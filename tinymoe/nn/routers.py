@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arrays import device_name
 from ..engine import Tensor, concatenate
 from .module import Module, Parameter, make_rng
 
@@ -67,7 +68,7 @@ class TaskEmbedding(Module):
     def _part_table(self, xp):
         """(tasks, parts) part ids per task, -1 = padding; built on the host, kept on xp's device until the
         descriptions change (add_task)."""
-        key = (xp, tuple(map(tuple, self.descriptions)))
+        key = (device_name(xp), tuple(map(tuple, self.descriptions)))  # (names, not modules: a model deep-copies)
         cached = getattr(self, "_table", None)
         if cached is None or cached[0] != key:
             width = max(len(d) for d in self.descriptions)
