@@ -13,6 +13,8 @@ on it must equal the plain NumPy step bit for bit. What is asserted, per model:
 * the only copies to the device are the batch's arrays, noisy top-k's host-drawn noise, and once per process
   a hash layer's table.
 """
+import copy
+import importlib.util
 import subprocess
 import sys
 
@@ -24,7 +26,7 @@ from hypothesis import strategies as st
 import tinymoe as tm
 from tinymoe import data as D
 from tinymoe import functional as F
-from tinymoe.arrays import array_module
+from tinymoe.arrays import DeviceUnavailable, array_module
 from tinymoe import dispatch
 from tinymoe.checkpoint import load_checkpoint
 from tinymoe.guarded import GuardedArray, count_transfers, xp
@@ -94,6 +96,14 @@ def test_module_and_tensor_to_move_every_array_once():
     assert model.to("cpu").device == "cpu" and isinstance(model.experts.w1.data, np.ndarray)
 
 
+def test_a_model_on_the_device_deep_copies_and_stays_there():
+    model = transformer("top_k", router="task").to(xp)
+    twin = copy.deepcopy(model)
+    assert twin.device == "guarded"
+    tokens, tasks = xp.asarray(np.zeros((2, 6), np.int64)), xp.asarray(np.array([0, 1]))
+    np.testing.assert_array_equal(model(tokens, task_ids=tasks).numpy(), twin(tokens, task_ids=tasks).numpy())
+
+
 def test_tensor_to_is_differentiable_and_returns_gradients_home():
     x = tm.Tensor(np.arange(3.0), requires_grad=True)
     y = x.to(xp)
@@ -101,6 +111,20 @@ def test_tensor_to_is_differentiable_and_returns_gradients_home():
     (y * y).sum().backward()
     assert isinstance(x.grad, np.ndarray)
     np.testing.assert_array_equal(x.grad, 2 * np.arange(3.0))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_unknown_or_missing_devices_fail_at_once_with_the_fix():
+    x = tm.Tensor(np.ones(2))
+    with pytest.raises(DeviceUnavailable, match=r"Tensor.to\('cuda'\): CuPy is not installed; pip install"):
+        x.to("cuda")
+    with pytest.raises(ValueError, match="expected a device"):
+        x.to("tpu")
+    data, cfg = seq_data_and_config()
+    with pytest.raises(ValueError, match="fit: device='tpu' is not a device"):
+        fit(MoETransformer(cfg), data, device="tpu")
+    with pytest.raises(tm.backends.BackendUnavailable, match="CuPy is not installed"):
+        fit(MoETransformer(cfg), data, device="cuda")
 
 
 @pytest.mark.parametrize("op", ["add", "mul", "matmul", "concatenate", "where", "embedding", "cross_entropy",
