@@ -154,6 +154,25 @@ def test_optimizer_state_follows_its_parameters_to_the_device_and_back():
     assert all(isinstance(v, np.ndarray) for k, v in opt.state_dict().items() if "." in k)  # saved from the host
 
 
+@given(n=st.integers(1, 6), m=st.integers(0, 12), two=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_gradient_of_indexing_on_the_device_sums_repeats_as_on_the_host(n, m, two, seed):
+    """Repeated, negative and missing ids (an embedding's adjoint): on a device summed by sorting and binary search
+    with no sync (tinymoe.engine._scatter_add_rows), bit for bit the host's sums."""
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((n, 3, 2))
+    index = (rng.integers(-n, n, m), rng.integers(-3, 3, m)) if two else rng.integers(-n, n, (m, 2))
+    g = rng.standard_normal((m, 2) if two else (m, 2, 3, 2))
+    grads = []
+    for module in (np, xp):
+        t = tm.Tensor(module.asarray(data), requires_grad=True)
+        idx = tuple(module.asarray(i) for i in index) if two else module.asarray(index)
+        with count_transfers() as moved:
+            t[idx].backward(module.asarray(g))
+        assert moved.to_host == 0, moved
+        grads.append(t.grad if module is np else t.grad.get())
+    np.testing.assert_array_equal(grads[0], grads[1])
+
+
 # ---- the hot path's reference, primitive by primitive, on drawn routings -----------------------------------------
 @st.composite
 def routings(draw):

@@ -639,11 +639,12 @@ def _scatter_add_rows(target, index, values):
         target[ids[starts]] += np.add.reduceat(rows[order], starts, axis=0)
         return
     # On a device, the number of distinct ids would have to come back to the host (a sync). Instead every target
-    # row r gets its run bounds[r]:bounds[r+1] of the sorted ids by binary search (a fixed size), the same sums,
-    # and rows without ids get zero. A zero row appended at the end is what an empty run at the end reads.
+    # row r gets its run bounds[r]:bounds[r+1] of the sorted ids by binary search (a fixed size) and the same sum
+    # in the same order; rows without ids get zero. The zero row appended is the last, discarded run [len:], so
+    # that an empty run at the end has a row to read (reduceat reads one row for an empty run: masked below).
     n = target.shape[0]
-    bounds = xp.searchsorted(ids, xp.arange(n + 1))  # (n + 1,)
+    bounds = xp.searchsorted(ids, xp.arange(n + 1))  # (n + 1,); bounds[n] = len(ids)
     padded = xp.concatenate([rows[order], xp.zeros((1,) + rows.shape[1:], dtype=rows.dtype)])
-    sums = xp.add.reduceat(padded, bounds[:-1], axis=0)  # (n, ...); an empty run reads one row: masked below
+    sums = xp.add.reduceat(padded, bounds, axis=0)[:n]  # (n, ...)
     present = (bounds[1:] > bounds[:-1]).reshape((n,) + (1,) * (rows.ndim - 1))
     target += xp.where(present, sums, 0)
