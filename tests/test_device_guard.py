@@ -15,6 +15,7 @@ on it must equal the plain NumPy step bit for bit. What is asserted, per model:
 """
 import copy
 import importlib.util
+import shutil
 import subprocess
 import sys
 
@@ -407,12 +408,20 @@ def test_fit_on_the_device_equals_the_cpu_run_and_its_checkpoint_resumes_on_the_
         np.testing.assert_array_equal(p.data, q.data.get(), err_msg=name)
     # the device run's checkpoint resumes on the CPU exactly as the CPU run's checkpoint does
     longer = OptimConfig(steps=8, batch_size=8, eval_every=3, warmup_steps=2, checkpoint_every=3)
+    shutil.copytree(tmp_path / "cpu", tmp_path / "cpu_copy")  # for the resume on the device below
     from_dev, from_cpu = MoETransformer(cfg), MoETransformer(cfg)
     tail_dev = fit(from_dev, data, data, longer, run_dir=tmp_path / "dev", resume=True)
     tail_cpu = fit(from_cpu, data, data, longer, run_dir=tmp_path / "cpu", resume=True)
     assert from_dev.device == "cpu" and len(tail_dev) == len(tail_cpu) > 0
     for r_dev, r_cpu in zip(tail_dev, tail_cpu):
         assert r_dev["train_loss"] == r_cpu["train_loss"] and r_dev["val"] == r_cpu["val"]
+    # and a CPU run's checkpoint resumes on the device (weights and moments go up once)
+    on_dev = MoETransformer(cfg)
+    tail_up = fit(on_dev, data, data, longer, run_dir=tmp_path / "cpu_copy", resume=True, device=xp)
+    assert on_dev.device == "guarded"
+    assert [r["train_loss"] for r in tail_up] == [r["train_loss"] for r in tail_dev]
+    for (name, p), q in zip(from_cpu.named_parameters(), on_dev.parameters()):
+        np.testing.assert_array_equal(p.data, q.data.get(), err_msg=name)
     for (name, p), q in zip(from_cpu.named_parameters(), from_dev.parameters()):
         np.testing.assert_array_equal(p.data, q.data, err_msg=name)
 
