@@ -19,6 +19,8 @@ weight nowhere (Σ_i r_i = 0, so 1/Σ_i r_i = ∞). Weighted like the entropy (1
 """
 from __future__ import annotations
 
+import numpy as np
+
 from . import functional as F
 from .engine import Tensor
 
@@ -42,7 +44,7 @@ def load_balance(probs: Tensor, expert_idx, keep=None) -> Tensor:
         f = xp.bincount(chosen, minlength=E) / max(chosen.size, 1)  # (E,) no gradient: an argmax
     else:  # the kept ones counted by weight (no boolean selection: its size would have to come from a GPU)
         kept = keep.reshape(-1)
-        f = xp.bincount(chosen, weights=kept, minlength=E) / xp.maximum(kept.sum(), 1)
+        f = xp.bincount(chosen, weights=kept.astype(np.float64), minlength=E) / xp.maximum(kept.sum(), 1)
     P = probs.mean(axis=0)  # (E,)
     return (P * f.astype(probs.dtype)).sum() * float(E)
 

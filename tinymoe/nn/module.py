@@ -159,7 +159,8 @@ class Module:
         device: "cpu" / "numpy" (NumPy arrays) or "cuda" / "gpu" / "cupy" (CuPy arrays; needs CuPy and a GPU:
         pip install 'tinymoe[cuda12]'), or an array module itself (numpy, cupy, or a NumPy-like module such as
         tinymoe.guarded.xp, the CPU stand-in for a GPU that the tests use). Each array is copied once; gradients
-        are dropped. An optimizer built on these parameters follows them: its moments move at its next step.
+        are dropped. An optimizer built on these parameters follows them: its moments move at its next step. (Modules
+        hold no other arrays that must move: their caches, e.g. a hash gate's table, are kept per device.)
         dtype: np.float32 / np.float64 (or their names). The forward pass then computes in that dtype: float64
         input into a float64 module gives float64 output. Gradients are dropped (they had the old dtype).
         Anything else raises ValueError naming the valid devices and dtypes.

@@ -306,7 +306,8 @@ class MoE(Module):
 
         self.aux_losses = self._aux_losses(routing, chosen)
         E = c.num_experts
-        dropped = xp.bincount(routing.expert_idx.reshape(-1), weights=(chosen & ~keep).reshape(-1), minlength=E)
+        dropped = xp.bincount(routing.expert_idx.reshape(-1), weights=(chosen & ~keep).reshape(-1).astype(np.float64),
+                               minlength=E)  # (E,) counted by weight: no boolean selection
         self.last_routing = RoutingStats(routing.expert_idx, routing.weights.data, keep, chosen, counts,
                                          dropped.astype(np.int64), task_tok, E)  # (on the device until read)
         return y.reshape(*lead, -1)
