@@ -78,6 +78,9 @@ class RoutingStats:
             arrays[name] = value = to_host(value)  # the first read copies it from the device
         return value
 
+    def __repr__(self):
+        return f"RoutingStats(num_experts={self.num_experts}, counts={self.counts.tolist()}, dropped={self.dropped.tolist()})"
+
     def expert_load(self):
         """f_i: the share of computed assignments that went to each expert (E,); uniform is 1/E."""
         return self.counts / max(self.counts.sum(), 1)
