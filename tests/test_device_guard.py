@@ -363,6 +363,23 @@ def test_the_standalone_moe_layer_step_on_the_device_equals_the_cpu_step(gate, k
     compare_steps(make, [x, extra], lambda y, m: F.cross_entropy(y, on[m]))
 
 
+@given(gate=st.sampled_from(["top_k", "noisy_top_k", "dselect_k", "expert_choice", "softmax", "hash"]),
+       T=st.integers(1, 9), E=st.integers(1, 6), data=st.data())
+def test_the_moe_layer_on_drawn_shapes_and_routings_equals_the_cpu_step(gate, T, E, data):
+    k = data.draw(st.integers(1, E), label="k")
+    capacity = data.draw(st.sampled_from([None, 0.3, 1.0, 2.0]), label="capacity_factor")
+    priority = data.draw(st.sampled_from(["slot", "weight"]), label="priority")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    x, target = rng.standard_normal((T, 8)).astype(np.float32), rng.integers(0, 8, T)
+    extra = {"token_ids": rng.integers(0, 50, T)} if gate == "hash" else {}
+
+    def make():
+        return MoE(8, 16, E, gate=gate, k=k, capacity_factor=capacity, priority=priority, seed=3)
+
+    on = {np: target, xp: xp.asarray(target)}
+    compare_steps(make, [x, extra], lambda y, m: F.cross_entropy(y, on[m]), steps=1)
+
+
 # ---- checkpoints and fit ---------------------------------------------------------------------------------------------
 def test_a_checkpoint_saved_on_the_device_holds_host_arrays_and_loads_on_the_cpu_and_back(tmp_path):
     rng = np.random.default_rng(0)
