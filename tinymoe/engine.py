@@ -625,7 +625,9 @@ def _integer_arrays(index):
 
 def _scatter_add_rows(target, index, values):
     """target[index] += values for one integer array `index` into axis 0 (the embedding adjoint), by sorting the
-    ids and summing each run with np.add.reduceat: ~8x faster than np.add.at, and in a fixed order."""
+    ids and summing each run with add.reduceat: ~8x faster than np.add.at, and in a fixed order. The runs are
+    summed in float64 and rounded once: as fast here, more accurate (float32 runs that cancel lost up to 0.4 %),
+    and safe on CuPy, whose reduceat takes differences of one running sum over all the rows."""
     xp = array_module(target)
     flat = index.reshape(-1).astype(np.int64)
     if flat.size == 0:
@@ -636,7 +638,7 @@ def _scatter_add_rows(target, index, values):
     ids = flat[order]
     if xp is np:
         starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
-        target[ids[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+        target[ids[starts]] += np.add.reduceat(rows[order], starts, axis=0, dtype=np.float64).astype(target.dtype)
         return
     # On a device, the number of distinct ids would have to come back to the host (a sync). Instead every target
     # row r gets its run bounds[r]:bounds[r+1] of the sorted ids by binary search (a fixed size) and the same sum
@@ -645,6 +647,6 @@ def _scatter_add_rows(target, index, values):
     n = target.shape[0]
     bounds = xp.searchsorted(ids, xp.arange(n + 1))  # (n + 1,); bounds[n] = len(ids)
     padded = xp.concatenate([rows[order], xp.zeros((1,) + rows.shape[1:], dtype=rows.dtype)])
-    sums = xp.add.reduceat(padded, bounds, axis=0)[:n]  # (n, ...)
+    sums = xp.add.reduceat(padded, bounds, axis=0, dtype=np.float64)[:n].astype(target.dtype)  # (n, ...)
     present = (bounds[1:] > bounds[:-1]).reshape((n,) + (1,) * (rows.ndim - 1))
     target += xp.where(present, sums, 0)
