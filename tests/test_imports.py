@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = {"tinymoe": "tinymoe", "tinymoe.backends": "backends"}  # backends/ installs as tinymoe.backends
 
 LAYERS = [  # bottom first; a module may import from its own layer and from the layers above it in this list
-    ("raw arrays", ["tinymoe.version", "tinymoe.arrays", "tinymoe.activations", "tinymoe.data*"]),
+    ("raw arrays", ["tinymoe.version", "tinymoe.arrays", "tinymoe.guarded", "tinymoe.activations", "tinymoe.data*"]),
     ("engine", ["tinymoe.engine", "tinymoe.gradcheck"]),
     ("ops and the hot path", ["tinymoe.functional", "tinymoe.dispatch", "tinymoe.backends*", "tinymoe.moe_ops",
                               "tinymoe.optim"]),

@@ -584,7 +584,7 @@ def _load_into(path, header, tensors, model):
     model.load_state_dict(weights)
     for n, p in params.items():  # keep the saved float dtype even where the rebuilt model defaults to another
         if p.dtype != weights[n].dtype:
-            p.data = np.array(weights[n], copy=True)
+            p.data = p.xp.array(weights[n], copy=True)  # (on the model's device)
 
     generators = _module_generators(model)
     for key, state in header["model"].get("rng_states", {}).items():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 
 from . import activations as A
-from .engine import Tensor, concatenate, maximum, stack, tensor, where  # noqa: F401  (re-exported)
+from .arrays import host_min_max
+from .engine import Tensor, check_device, concatenate, maximum, stack, tensor, where  # noqa: F401  (re-exported)
 
 
 def _elementwise(x, forward, derivative, name):
@@ -128,11 +129,14 @@ def dropout(x, p=0.1, training=True, rng=None):
 
 def embedding(ids, weight):
     """Rows of `weight` (V, d) picked by integer `ids` (any shape) -> (*ids.shape, d)."""
+    check_device("embedding", weight, ids)
     ids = ids.data if isinstance(ids, Tensor) else weight.xp.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
-        raise IndexError(f"embedding: ids must lie in [0, {weight.shape[0]}), got [{int(ids.min())}, {int(ids.max())}]")
+    if ids.size:
+        low, high = host_min_max(ids)  # one copy of two numbers to the host (a sync on a GPU)
+        if low < 0 or high >= weight.shape[0]:
+            raise IndexError(f"embedding: ids must lie in [0, {weight.shape[0]}), got [{low}, {high}]")
     return weight[ids]
 
 
@@ -153,6 +157,7 @@ def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, reduc
     eps the target distribution is (1 - eps) on the label plus eps / C everywhere (Szegedy et al. 2016, §7).
     """
     logits = tensor(logits)
+    check_device("cross_entropy", logits, targets)
     t = targets.data if isinstance(targets, Tensor) else logits.xp.asarray(targets)
     if t.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: targets must be integers, got dtype {t.dtype}")
@@ -161,19 +166,22 @@ def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, reduc
     if not 0 <= label_smoothing <= 1:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     num_classes = logits.shape[-1]
+    xp = logits.xp
     keep = t != ignore_index
-    if t.size and keep.any() and (int(t[keep].min()) < 0 or int(t[keep].max()) >= num_classes):
-        raise IndexError(f"cross_entropy: targets must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
+    if t.size:  # ignored targets read as 0, a valid class; one copy of two numbers to the host
+        low, high = host_min_max(xp.where(keep, t, 0))
+        if low < 0 or high >= num_classes:
+            raise IndexError(f"cross_entropy: targets must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
 
     logp = log_softmax(logits.reshape(-1, num_classes))  # (N, C)
     flat_t, flat_keep = t.reshape(-1), keep.reshape(-1)
-    safe_t = logits.xp.where(flat_keep, flat_t, 0)
-    nll = -logp[logits.xp.arange(len(safe_t)), safe_t]  # (N,)
+    safe_t = xp.where(flat_keep, flat_t, 0)
+    nll = -logp[xp.arange(len(safe_t)), safe_t]  # (N,)
     if label_smoothing:
         nll = nll * (1 - label_smoothing) - logp.mean(axis=-1) * label_smoothing
     nll = nll * flat_keep.astype(logits.dtype)
-    if reduction == "mean":
-        return nll.sum() * (1.0 / max(int(flat_keep.sum()), 1))
+    if reduction == "mean":  # 1 / (targets kept), computed where they are (no sync): float64, then our dtype
+        return nll.sum() * Tensor((1.0 / xp.maximum(flat_keep.sum(), 1)).astype(logits.dtype), _fresh=True)
     return _reduce(nll.reshape(t.shape), reduction, "cross_entropy")
 
 

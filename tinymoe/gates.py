@@ -18,12 +18,14 @@ Task-level routing (Kudugunta et al. 2021) is router="task" with any of these ga
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import functional as F
+from .arrays import array_module
 from .engine import Tensor, where
 
 GATES = ("softmax", "top_k", "noisy_top_k", "dselect_k", "expert_choice", "hash")
@@ -34,6 +36,7 @@ class Routing:
     expert_idx: np.ndarray  # (T, k_slots) int64, descending weight per row (expert_choice: column j = expert j)
     weights: Tensor  # (T, k_slots) combine weights; the gate's gradient flows through these
     keep: np.ndarray | None = None  # (T, k_slots) bool, False = not computed; None = all computed
+    # (the arrays live on the router's device: NumPy's on the CPU, CuPy's on the GPU)
     probs: Tensor | None = None  # (T, E) router probabilities (P_i of the load-balance loss)
     logits: Tensor | None = None  # (T, E) router logits (z-loss)
     aux: dict = field(default_factory=dict)  # gate-specific auxiliary losses (name -> scalar Tensor)
@@ -41,12 +44,12 @@ class Routing:
 
 def descending(scores):
     """Expert indices by descending score, ties broken by the lower index (a stable sort of -score)."""
-    return np.argsort(-scores, axis=-1, kind="stable")
+    return array_module(scores).argsort(-scores, axis=-1, kind="stable")
 
 
 def _pick(t: Tensor, idx):
     """t[row, idx[row, j]] for every row: (T, E), (T, k) -> (T, k)."""
-    rows = np.arange(idx.shape[0])[:, None]
+    rows = t.xp.arange(idx.shape[0])[:, None]
     return t[rows, idx]
 
 
@@ -80,7 +83,7 @@ def noisy_top_k_gate(logits: Tensor, noise_logits: Tensor, k: int, rng, training
     """
     if training:
         noise_std = F.softplus(noise_logits) + 1e-2  # small floor keeps Φ's argument finite (as Shazeer's code)
-        eps = logits.xp.asarray(rng.standard_normal(logits.shape), dtype=logits.dtype)
+        eps = logits.xp.asarray(rng.standard_normal(logits.shape).astype(logits.dtype))  # host draw, one copy
         noisy = logits + noise_std * eps
     else:
         noisy = logits
@@ -90,7 +93,8 @@ def noisy_top_k_gate(logits: Tensor, noise_logits: Tensor, k: int, rng, training
     if training and k < logits.shape[1]:
         load = _smooth_load(logits, noisy, noise_std, k)
     else:  # no noise: the load is the (non-differentiable) count of tokens per expert
-        load = Tensor(np.bincount(routing.expert_idx.reshape(-1), minlength=logits.shape[1]).astype(logits.dtype))
+        xp = logits.xp
+        load = Tensor(xp.bincount(routing.expert_idx.reshape(-1), minlength=logits.shape[1]).astype(logits.dtype))
     routing.aux["importance_load"] = cv_squared(importance) + cv_squared(load)
     routing.logits = logits
     return routing
@@ -98,13 +102,13 @@ def noisy_top_k_gate(logits: Tensor, noise_logits: Tensor, k: int, rng, training
 
 def _smooth_load(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) -> Tensor:
     """Σ_x P(x, i): the probability that expert i stays in the top k under a fresh draw of its own noise."""
-    T = noisy.shape[0]
-    ranked = np.argsort(-noisy.data, axis=-1, kind="stable")  # (T, E) expert ids, largest H first
+    T, xp = noisy.shape[0], noisy.xp
+    ranked = descending(noisy.data)  # (T, E) expert ids, largest H first
     kth, next_ = ranked[:, k - 1 : k], ranked[:, k : k + 1]  # (T, 1) the k-th and (k+1)-th largest
-    in_top = noisy.data >= np.take_along_axis(noisy.data, kth, axis=-1)  # (T, E) is i among the k largest?
+    in_top = noisy.data >= xp.take_along_axis(noisy.data, kth, axis=-1)  # (T, E) is i among the k largest?
     # the k-th largest of H excluding i — a differentiable pick from H, so the gradient reaches other experts' h
-    column = np.where(in_top, next_, kth)  # (T, E)
-    threshold = noisy[np.arange(T)[:, None], column]  # (T, E)
+    column = xp.where(in_top, next_, kth)  # (T, E)
+    threshold = noisy[xp.arange(T)[:, None], column]  # (T, E)
     return F.normal_cdf((clean - threshold) / noise_std).sum(axis=0)
 
 
@@ -117,10 +121,11 @@ def cv_squared(v: Tensor) -> Tensor:
 def scatter_rows(values: Tensor, idx, num_experts) -> Tensor:
     """(T, k) values at columns idx -> dense (T, E) with zeros elsewhere (differentiable in values)."""
     T, k = idx.shape
+    xp = values.xp
     flat = values.reshape(-1)  # (T·k,)
-    index = np.full((T, num_experts), T * k, dtype=np.int64)  # points at an appended zero
-    index[np.arange(T)[:, None], idx] = np.arange(T * k).reshape(T, k)
-    padded = F.concatenate([flat, Tensor(np.zeros(1, dtype=values.dtype))])
+    index = xp.full((T, num_experts), T * k, dtype=np.int64)  # points at an appended zero
+    index[xp.arange(T)[:, None], idx] = xp.arange(T * k).reshape(T, k)
+    padded = F.concatenate([flat, Tensor(xp.zeros(1, dtype=values.dtype))])
     return padded[index]
 
 
@@ -134,12 +139,12 @@ def smooth_step(t: Tensor, gamma=1.0) -> Tensor:
     return where(t.data <= -gamma / 2, 0.0, where(t.data >= gamma / 2, 1.0, cubic))
 
 
-def binary_codes(num_experts):
+def binary_codes(num_experts, xp=np):
     """(E, m) 0/1 matrix: row i is the m-bit binary code of i, most significant bit first; m = ⌈log2 E⌉.
 
-    One expert needs no bits (m = 0): its selector is the empty product, 1."""
+    One expert needs no bits (m = 0): its selector is the empty product, 1. `xp`: the array module to build it in."""
     m = math.ceil(math.log2(num_experts))
-    return (np.arange(num_experts)[:, None] >> np.arange(m - 1, -1, -1)) & 1
+    return (xp.arange(num_experts)[:, None] >> xp.arange(m - 1, -1, -1)) & 1
 
 
 def dselect_selector(z: Tensor, num_experts, gamma=1.0) -> Tensor:
@@ -147,7 +152,7 @@ def dselect_selector(z: Tensor, num_experts, gamma=1.0) -> Tensor:
 
     z (..., m) -> r (..., E). At most one nonzero once every S(z_j) is saturated.
     """
-    codes = binary_codes(num_experts).astype(z.dtype)  # (E, m)
+    codes = binary_codes(num_experts, z.xp).astype(z.dtype)  # (E, m), on z's device
     s = smooth_step(z, gamma)  # (..., m)
     r = Tensor(z.xp.ones(z.shape[:-1] + (num_experts,), dtype=z.dtype))  # m = 0: the empty product
     for j in range(codes.shape[1]):
@@ -213,12 +218,12 @@ def expert_choice_gate(logits: Tensor, capacity: int) -> Routing:
     """
     T, E = logits.shape
     probs = F.softmax(logits, axis=-1)  # (T, E)
-    C = min(capacity, T)
-    chosen = np.zeros((T, E), dtype=bool)
+    C, xp = min(capacity, T), logits.xp
+    chosen = xp.zeros((T, E), dtype=bool)
     top_tokens = descending(probs.data.T)[:, :C]  # (E, C)
-    chosen[top_tokens, np.arange(E)[:, None]] = True
-    chosen |= np.isnan(probs.data)  # NaN in, NaN out
-    idx = np.broadcast_to(np.arange(E), (T, E)).copy()  # slot j is expert j
+    chosen[top_tokens, xp.arange(E)[:, None]] = True
+    chosen |= xp.isnan(probs.data)  # NaN in, NaN out
+    idx = xp.broadcast_to(xp.arange(E), (T, E)).copy()  # slot j is expert j
     return Routing(idx, probs, chosen, probs, logits)
 
 
@@ -226,8 +231,16 @@ def hash_gate(ids, num_experts, k, table_size=4096, seed=0, dtype=np.float32) ->
     """Each id (token id or task id) goes to k fixed pseudo-random distinct experts, weight 1/k (Roller et al. 2021).
 
     The table is a seeded random permutation of experts per id (ids taken modulo table_size). No parameters.
+    `ids` may live on any device; the table is drawn once on the host and kept on each device it is used on.
     """
-    ids = np.asarray(ids).astype(np.int64) % table_size
+    xp = array_module(ids)
+    ids = xp.asarray(ids).astype(np.int64) % table_size
+    idx = _hash_table(table_size, num_experts, k, seed, xp)[ids]  # (T, k)
+    return Routing(idx, Tensor(xp.full(idx.shape, 1.0 / k, dtype=dtype)))
+
+
+@functools.lru_cache(maxsize=32)
+def _hash_table(table_size, num_experts, k, seed, xp):
+    """(table_size, k) experts per id: a seeded random permutation per row (host draw, one copy to xp's device)."""
     table = np.random.default_rng(seed).random((table_size, num_experts)).argsort(axis=1)[:, :k]
-    idx = table[ids]  # (T, k)
-    return Routing(idx, Tensor(np.full(idx.shape, 1.0 / k, dtype=dtype)))
+    return table if xp is np else xp.asarray(table)

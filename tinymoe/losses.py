@@ -38,9 +38,13 @@ def aux_weights(overrides, where) -> dict:
 
 def load_balance(probs: Tensor, expert_idx, keep=None) -> Tensor:
     """E · Σ_i f_i · P_i. probs (T, E); expert_idx (T, k) the choices; keep (T, k) marks real assignments."""
-    E = probs.shape[1]
-    chosen = expert_idx.reshape(-1) if keep is None else expert_idx[keep]
-    f = np.bincount(chosen, minlength=E) / max(chosen.size, 1)  # (E,) no gradient: an argmax
+    E, xp = probs.shape[1], probs.xp
+    chosen = expert_idx.reshape(-1)  # (T·k,)
+    if keep is None:
+        f = xp.bincount(chosen, minlength=E) / max(chosen.size, 1)  # (E,) no gradient: an argmax
+    else:  # the kept ones counted by weight (no boolean selection: its size would have to come from a GPU)
+        kept = keep.reshape(-1)
+        f = xp.bincount(chosen, weights=kept.astype(np.float64), minlength=E) / xp.maximum(kept.sum(), 1)
     P = probs.mean(axis=0)  # (E,)
     return (P * f.astype(probs.dtype)).sum() * float(E)
 

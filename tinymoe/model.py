@@ -97,7 +97,7 @@ class MoETransformer(Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
     def forward(self, tokens, task_ids=None, padding_mask=None):
-        tokens = np.asarray(tokens.data if isinstance(tokens, Tensor) else tokens)
+        tokens, task_ids = self._ids(tokens), self._ids(task_ids)
         if tokens.ndim != 2:
             raise ValueError(f"MoETransformer: tokens must be (B, T) integers, got shape {tokens.shape}")
         B, T = tokens.shape
@@ -105,9 +105,9 @@ class MoETransformer(Module):
             raise ValueError(f"MoETransformer: sequence length {T} > max_seq_len={self.config.max_seq_len}")
         if task_ids is None and self.config.num_tasks > 1 and (self.config.task_embedding or self.config.head == "per_task"):
             raise ValueError("MoETransformer: this model is conditioned on the task: pass task_ids of shape (B,)")
-        x = self.tok_emb(tokens) + self.pos_emb(np.arange(T))  # (B, T, d)
+        x = self.tok_emb(tokens) + self.pos_emb.weight[:T]  # (B, T, d); positions 0..T-1 are rows :T
         if self.config.task_embedding:
-            x = x + self.task_emb(np.asarray(task_ids)).reshape(B, 1, -1)
+            x = x + self.task_emb(task_ids).reshape(B, 1, -1)
         for block in self.blocks:
             kwargs = {}
             if isinstance(block.ffn, MoE):
@@ -118,7 +118,16 @@ class MoETransformer(Module):
         x = self.ln_f(x)
         if self.config.head == "shared":
             return self.head(x)  # (B, T, C)
-        return x @ self.head_weight[np.asarray(task_ids)] + self.head_bias[np.asarray(task_ids)].reshape(B, 1, -1)
+        return x @ self.head_weight[task_ids] + self.head_bias[task_ids].reshape(B, 1, -1)
+
+    def _ids(self, ids):
+        """Token or task ids as an array: a Tensor's data, an array as it is (on its own device: an op mixing
+        devices says so), Python lists on the model's device; None stays None."""
+        if isinstance(ids, Tensor):
+            return ids.data
+        if ids is None or hasattr(ids, "ndim"):
+            return ids
+        return self.tok_emb.weight.xp.asarray(ids)
 
     @property
     def aux_losses(self) -> dict:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backends
+from .arrays import to_host
 from .engine import Tensor
 
 
@@ -24,8 +25,8 @@ from .engine import Tensor
 class RoutingPlan:
     """Where each kept assignment goes: rows offsets[e]:offsets[e+1] of the dispatched batch are expert e's."""
 
-    order: np.ndarray  # (R,) assignment ids t·k + j, grouped by expert
-    offsets: np.ndarray  # (E + 1,)
+    order: np.ndarray  # (R,) assignment ids t·k + j, grouped by expert (on the device of the routing)
+    offsets: np.ndarray  # (E + 1,) host ints
     inverse: np.ndarray  # (T·k,) row of each assignment, -1 if not kept
     num_tokens: int
     k: int
@@ -33,8 +34,8 @@ class RoutingPlan:
 
     @property
     def counts(self):
-        """Kept assignments per expert (E,)."""
-        return np.diff(np.asarray(self.offsets))
+        """Kept assignments per expert (E,), on the host (the offsets are there already, see dispatch.route)."""
+        return np.diff(to_host(self.offsets))
 
 
 def plan_routing(expert_idx, num_experts, keep=None) -> RoutingPlan:

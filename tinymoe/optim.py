@@ -1,7 +1,9 @@
 """Optimizers (SGD with momentum, Adam, AdamW), global-norm gradient clipping and a warmup + cosine schedule.
 
 Each optimizer updates `p.data` in place from `p.grad` and keeps its state as arrays keyed by parameter index,
-so `state_dict()` / `load_state_dict()` can save it next to the weights (exact resume).
+so `state_dict()` / `load_state_dict()` can save it next to the weights (exact resume). The state lives on its
+parameters' device and follows them: after `model.to("cuda")` the next step moves it there once. Clipping
+needs one host synchronisation per step (the global norm, a single number).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import math
 
 import numpy as np
 
-from .arrays import array_module
+from .arrays import array_module, move, to_host
 
 
 class Optimizer:
@@ -34,6 +36,7 @@ class Optimizer:
 
     def step(self):
         self.step_count += 1
+        self._follow_params()
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 self._update(i, p, p.grad)
@@ -41,12 +44,19 @@ class Optimizer:
     def _update(self, i, p, g):
         raise NotImplementedError
 
+    def _follow_params(self):
+        """Move any state array that is not on its parameter's device there (once, after Module.to)."""
+        for arrays in self.state.values():
+            for i, (a, p) in enumerate(zip(arrays, self.params)):
+                if a is not None and type(a) is not type(p.data):
+                    arrays[i] = move(a, array_module(p.data))
+
     def state_dict(self) -> dict:
         """Flat dict of host arrays and numbers: 'step', 'lr', and '<buffer>.<i>' for every state array."""
         out = {"step": self.step_count, "lr": self.lr}
         for name, arrays in self.state.items():
             for i, a in enumerate(arrays):
-                out[f"{name}.{i}"] = a.get() if hasattr(a, "get") else a  # CuPy -> host
+                out[f"{name}.{i}"] = to_host(a)  # a device's arrays are copied to the host
         return out
 
     def load_state_dict(self, state: dict):
@@ -58,7 +68,7 @@ class Optimizer:
                 value = state[f"{name}.{i}"]
                 if tuple(value.shape) != p.shape:
                     raise ValueError(f"optimizer state {name}.{i} has shape {tuple(value.shape)}, parameter {p.shape}")
-                buffers[i] = array_module(p.data).asarray(value, dtype=p.dtype).copy()
+                buffers[i] = array_module(p.data).asarray(value, dtype=p.dtype).copy()  # onto p's device
 
 
 class SGD(Optimizer):
@@ -148,13 +158,14 @@ class AdamW(Adam):
 def clip_grad_norm(params, max_norm):
     """Scale all gradients together so their global L2 norm is at most max_norm; returns the norm before.
 
-    Each gradient's squared norm is a dot product in its own dtype (BLAS: no float64 copy of every gradient);
-    should a float32 one overflow, underflow or be NaN, that gradient is summed again in float64, so the
+    Each gradient's squared norm is a dot product in its own dtype (BLAS: no float64 copy of every gradient),
+    computed where the gradient is; the norms come to the host together, in one copy (one synchronisation on a
+    GPU). Should a float32 one overflow, underflow or be NaN, that gradient is summed again in float64, so the
     total is exact enough where it matters and a NaN or inf gradient still raises."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    total = math.sqrt(sum(_squared_norm(g) for g in grads))
+    total = math.sqrt(sum(_squared_norms(grads)))
     if not math.isfinite(total):
         raise FloatingPointError(f"clip_grad_norm: the gradient norm is {total}; lower the learning rate or check the loss")
     if total > max_norm:
@@ -165,18 +176,21 @@ def clip_grad_norm(params, max_norm):
     return total
 
 
-def _squared_norm(g) -> float:
-    """Σ g², as a float: a dot product in g's dtype, redone in float64 when float32 overflowed or underflowed."""
-    xp = array_module(g)
-    flat = g.reshape(-1)
+def _squared_norms(grads) -> list[float]:
+    """Σ g² of each gradient, as floats: dot products in g's dtype, brought to the host in one copy; those that
+    came out 0 or beyond float32's range (an underflow, an overflow, inf or NaN) are redone in float64 and
+    brought back in a second copy (so a GPU synchronises once, twice when some gradient is zero or extreme)."""
+    xp = array_module(grads[0])
+    flats = [g.reshape(-1) for g in grads]
     with np.errstate(over="ignore", under="ignore"):  # an overflow is caught below and redone in float64
-        sq = float(xp.dot(flat, flat))
-    if g.dtype == xp.float64 or 1e-30 < sq < 1e30:
-        return sq
-    if sq == 0.0 and not xp.any(flat):
-        return 0.0
-    wide = flat.astype(xp.float64)  # inf/NaN, or near float32's limits: redo it in float64
-    return float(xp.dot(wide, wide))
+        dots = xp.stack([xp.dot(f, f).astype(xp.float64) for f in flats])  # (n,) exact widening of each dot
+    squares = to_host(dots).tolist()
+    redo = [i for i, (f, sq) in enumerate(zip(flats, squares)) if f.dtype != xp.float64 and not 1e-30 < sq < 1e30]
+    if redo:
+        wide = [flats[i].astype(xp.float64) for i in redo]
+        for i, sq in zip(redo, to_host(xp.stack([xp.dot(w, w) for w in wide])).tolist()):
+            squares[i] = sq
+    return squares
 
 
 def _backend_kernel(name):

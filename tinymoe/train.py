@@ -15,6 +15,11 @@ The training loss is the task loss plus the model's weighted auxiliary losses (`
 z-loss, DSelect-k entropy, ...). Batches are drawn epoch by epoch from a seeded permutation; the optimizer, the
 schedule and the batch order all come from `OptimConfig`, so the same seed gives the same run. `fit` can write a
 checkpoint every `checkpoint_every` steps and resume from one exactly (same losses as an uninterrupted run).
+
+Devices: `fit` trains where the model is, or moves it once to `device=` (the GPU by default when the backend is
+cupy). Each step then copies its batch to the device once and keeps the forward, the losses, backward,
+clipping and the optimizer there; the host sees a few numbers per step (the two losses in one copy, the global
+gradient norm, the expert offsets of each MoE layer, the range checks of the ids).
 """
 from __future__ import annotations
 
@@ -29,8 +34,10 @@ import numpy as np
 from . import backends
 from . import functional as F
 from . import optim as O
+from .arrays import to_host
 from .data import SequenceTasks, TabularTasks
 from .engine import Tensor, no_grad
+from .nn.module import device_module
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -119,17 +126,35 @@ def _is_sequence(data):
     raise TypeError(f"expected a tinymoe.data SequenceTasks or TabularTasks, got {type(data).__name__}")
 
 
-def task_loss(model, data, idx):
-    """The task loss on examples `idx` (a scalar Tensor) and the model's outputs."""
+def model_xp(model):
+    """The array module of the model's parameters: numpy on the CPU, cupy on the GPU."""
+    p = next(iter(model.parameters()), None)
+    return np if p is None else p.xp
+
+
+def batch(data, idx, xp=np) -> dict:
+    """Examples `idx` of `data` as arrays on xp's device, each copied there once: tokens, task_ids, targets (a
+    SequenceTasks) or x, y (a TabularTasks)."""
+    out = {}
+    for name in ("tokens", "task_ids", "targets") if _is_sequence(data) else ("x", "y"):
+        host = getattr(data, name)[idx]  # (B, ...)
+        out[name] = host if xp is np else xp.asarray(host)
+    return out
+
+
+def task_loss(model, data, idx, xp=None):
+    """The task loss on examples `idx` (a scalar Tensor) and the model's outputs, computed on the model's device
+    (or xp's)."""
+    b = batch(data, idx, model_xp(model) if xp is None else xp)
     if _is_sequence(data):
-        logits = model(data.tokens[idx], task_ids=data.task_ids[idx])  # (B, L, V)
-        return F.cross_entropy(logits, data.targets[idx]), logits
-    outputs = model(data.x[idx])  # list of num_tasks (B, out_dim)
+        logits = model(b["tokens"], task_ids=b["task_ids"])  # (B, L, V)
+        return F.cross_entropy(logits, b["targets"]), logits
+    outputs = model(b["x"])  # list of num_tasks (B, out_dim)
     if len(outputs) != data.num_tasks:
         raise ValueError(f"the model returned {len(outputs)} outputs for {data.num_tasks} tasks")
     losses = []
     for t, out in enumerate(outputs):
-        y = data.y[idx, t]
+        y = b["y"][:, t]
         if data.task_type == "regression":
             losses.append(F.mse_loss(out.reshape(-1), Tensor(y.astype(out.dtype))))
         else:
@@ -160,6 +185,7 @@ def evaluate(model, data, batch_size=512, parallel=None) -> dict:
     """
     was_training = model.training
     model.eval()
+    xp = model_xp(model)
     sequence = _is_sequence(data)
     T, n = data.num_tasks, len(data)
     sums = np.zeros(T)  # per task: correct positions, or squared error / correct examples
@@ -173,10 +199,10 @@ def evaluate(model, data, batch_size=512, parallel=None) -> dict:
             else:  # distributed hook: this rank's part of each batch
                 batches = parallel.eval_batches(n, batch_size)
             for idx in batches:
-                loss, out = task_loss(model, data, idx)
+                loss, out = task_loss(model, data, idx, xp)
                 loss_sum += loss.item() * len(idx)
-                if sequence:
-                    right = out.numpy().argmax(axis=-1) == data.targets[idx]  # (B, L)
+                if sequence:  # predictions made on the device; (B, L) integers come back
+                    right = to_host(out.data.argmax(axis=-1)) == data.targets[idx]  # (B, L)
                     tasks = data.task_ids[idx]
                     np.add.at(sums, tasks, right.sum(axis=1))
                     np.add.at(counts, tasks, right.shape[1])
@@ -187,7 +213,7 @@ def evaluate(model, data, batch_size=512, parallel=None) -> dict:
                         if data.task_type == "regression":
                             sums[t] += float(((o.numpy().reshape(-1) - y) ** 2).sum())
                         else:
-                            sums[t] += float((o.numpy().argmax(axis=-1) == y).sum())
+                            sums[t] += float((to_host(o.data.argmax(axis=-1)) == y).sum())
                         counts[t] += len(idx)
     finally:
         model.train(was_training)
@@ -243,7 +269,7 @@ class _Batches:
 
 
 def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, run_dir=None, resume=False,
-        log=None, progress=False, parallel=None) -> list[dict]:
+        log=None, progress=False, parallel=None, device=None) -> list[dict]:
     """Train `model` on `train`; evaluate on `val` every `eval_every` steps; returns the list of logged records.
 
     With `val`, the best weights by the validation mean (accuracy up, MSE down) are restored at the end, and
@@ -253,8 +279,15 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
 
     parallel: a tinymoe.distributed.ExpertParallel (experts spread over MPI ranks): every rank calls fit with the
     same arguments and trains its part of each batch; only its root writes metrics and checkpoints.
+
+    device: where to train ("cpu", "cuda", or an array module); the model is moved there once, before the
+    optimizer is made, and stays there. None: the GPU when the backend is cupy, else where the model already is.
     """
     optim = optim or OptimConfig()
+    if device is None and backends.get_backend() == "cupy":
+        device = "cuda"
+    if device is not None:
+        model.to(_device_or_raise(device))
     if seed is not None:
         optim = replace(optim, seed=seed)
     if len(train) == 0:
@@ -293,6 +326,19 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
     return history
 
 
+def _device_or_raise(device):
+    xp = device_module(device, "fit(device=...)")
+    if xp is None:
+        raise ValueError(f"fit: device={device!r} is not a device; use 'cpu', 'cuda' or an array module")
+    return xp
+
+
+def _host_floats(*tensors) -> list[float]:
+    """Scalar tensors as Python floats, in one copy from their device (one synchronisation on a GPU)."""
+    xp = tensors[0].xp
+    return to_host(xp.stack([t.data.reshape(()) for t in tensors])).tolist()
+
+
 def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_path, metrics_file, bar, log, started,
           parallel=None):
     """fit's steps: batch, loss, backward, clip, step; every eval_every steps a record, an eval, a checkpoint.
@@ -308,7 +354,7 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
         aux = _aux_loss(model)
         total = loss + aux
         if parallel is None:
-            value, task_value = total.item(), loss.item()
+            value, task_value = _host_floats(total, loss)
         else:  # distributed hook: the global batch's losses, both in one Allreduce
             value, task_value = map(float, parallel.sum([total.item() * share, loss.item() * share]))
         if not math.isfinite(value):

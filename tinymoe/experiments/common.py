@@ -203,9 +203,12 @@ class FixedRouter(Module):
     def forward(self, x, task_ids=None):
         from ..engine import Tensor
 
-        logits = np.zeros((len(task_ids), self.num_experts), np.float32)
-        logits[np.arange(len(task_ids)), self.table[np.asarray(task_ids)]] = 20.0
-        return Tensor(logits.astype(x.dtype))
+        xp = x.xp  # built on the input's device
+        task_ids = task_ids.data if isinstance(task_ids, Tensor) else xp.asarray(task_ids)
+        table = self.table if xp is np else xp.asarray(self.table)
+        logits = xp.zeros((len(task_ids), self.num_experts), x.dtype)
+        logits[xp.arange(len(task_ids)), table[task_ids]] = 20.0
+        return Tensor(logits)
 
 
 def _moe_transformer_class():
@@ -215,8 +218,8 @@ def _moe_transformer_class():
         """MoETransformer whose MoE routers see only the task-free token + position embeddings (BlindRouter)."""
 
         def forward(self, tokens, task_ids=None, padding_mask=None):
-            t = np.asarray(tokens.data if hasattr(tokens, "data") else tokens)
-            x0 = self.tok_emb(t) + self.pos_emb(np.arange(t.shape[1]))  # (B, T, d), no task
+            t = self._ids(tokens)
+            x0 = self.tok_emb(t) + self.pos_emb.weight[: t.shape[1]]  # (B, T, d), no task
             self._box["x"] = x0.reshape(-1, self.config.d_model)
             return super().forward(tokens, task_ids, padding_mask)
 

@@ -33,6 +33,7 @@ from ..gates import scatter_rows, top_k_gate
 from ..nn import CGC, PLE, MultiGateMoE
 from ..nn.module import Parameter
 from ..engine import Tensor, no_grad
+from ..train import model_xp
 from .common import (SharedBottom, Timer, adjusted_rand_index, comparison_table, fastest_backend, fmt,
                      interval_plot, lr_grid, markdown_table, optim_config, partition_from_sets, preset_config,
                      run_dir, save_results, tune_lr, write_results)
@@ -81,11 +82,11 @@ class StaticGateMoE(MultiGateMoE):
             raise ValueError(f"StaticGateMoE: mode must be 'top_k' or 'oracle', got {mode!r}")
 
     def task_weights(self, x):
-        N, E, out = x.shape[0], self.num_experts, []
-        ones = Tensor(np.ones((N, 1), np.float32))
+        N, E, out, xp = x.shape[0], self.num_experts, [], x.xp  # (constants made on x's device)
+        ones = Tensor(xp.ones((N, 1), np.float32))
         for t in range(self.num_tasks):
             if self.mode == "oracle":
-                q = Tensor(np.eye(E, dtype=np.float32)[self.table[t]].reshape(1, E))
+                q = Tensor(xp.eye(E, dtype=np.float32)[int(self.table[t])].reshape(1, E))
             else:
                 r = top_k_gate(self.logits[t].reshape(1, E), self.k, renormalize=True)
                 q = scatter_rows(r.weights, r.expert_idx, E)  # (1, E)
@@ -138,7 +139,7 @@ def ridge(data, penalties=(1e-3, 1e-1, 1.0, 10.0, 100.0)):
 def predict(model, x):
     model.eval()
     with no_grad():
-        outs = model(x)
+        outs = model(model_xp(model).asarray(x))  # (x on the model's device)
     return np.concatenate([o.numpy().reshape(-1, 1) for o in outs], axis=1)  # (N, T)
 
 
@@ -176,7 +177,7 @@ def selected_sets(model, x, k, threshold=0.01):
     number of experts with mean weight ≥ threshold."""
     model.eval()
     with no_grad():
-        model(x)
+        model(model_xp(model).asarray(x))
     sets, used = [], []
     for w in model.last_weights:  # (N, E) per task
         mean = w.mean(axis=0)

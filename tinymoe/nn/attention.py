@@ -49,6 +49,7 @@ class MultiHeadAttention(Module):
         if self.causal:
             blocked = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T)
         if padding_mask is not None:
+            F.check_device("MultiHeadAttention (padding_mask)", x, padding_mask)
             pad = padding_mask.data if isinstance(padding_mask, Tensor) else xp.asarray(padding_mask)
             if pad.shape != (x.shape[0], T):
                 raise ValueError(f"MultiHeadAttention: padding_mask must be (B, T) = {(x.shape[0], T)}, got {pad.shape}")

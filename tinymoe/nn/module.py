@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 
+from ..arrays import CUDA_NAMES, HOST_NAMES, DeviceUnavailable, module_for, move
 from ..engine import Tensor, no_grad
 
 
@@ -47,28 +48,26 @@ def init_config(**kwargs) -> dict:
     return out
 
 
-# the names `Module.to` accepts: devices (where the arrays live) and float dtypes
-DEVICES = {"cpu": "numpy", "numpy": "numpy", "cuda": "cupy", "gpu": "cupy", "cupy": "cupy"}
+# the float dtypes `Module.to` accepts (devices: see tinymoe.arrays.module_for)
 DTYPES = ("float32", "float64")
-CUDA_INSTALL = "pip install 'tinymoe[cuda12]' (CUDA 12; 'tinymoe[cuda13]' for CUDA 13) on a machine with an NVIDIA GPU"
+DEVICES = HOST_NAMES + CUDA_NAMES
 
 
-def _cupy_or_raise():
-    """The cupy module, or BackendUnavailable naming the install command when CuPy or a GPU is missing."""
+def device_module(device, where="Module.to"):
+    """The array module of `device` (see tinymoe.arrays.module_for), None when it names no device; a missing
+    CuPy or GPU is BackendUnavailable naming the install command."""
     from ..backends import BackendUnavailable
 
     try:
-        import cupy
-    except ImportError:
-        raise BackendUnavailable(f"Module.to('cuda'): CuPy is not installed; {CUDA_INSTALL}") from None
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDA driver missing or broken: cupy raises its own runtime errors
-        raise BackendUnavailable(f"Module.to('cuda'): CuPy is installed but finds no usable GPU ({e}); {CUDA_INSTALL}"
-                                 ) from None
-    if count < 1:
-        raise BackendUnavailable(f"Module.to('cuda'): CuPy is installed but finds no GPU; {CUDA_INSTALL}")
-    return cupy
+        return module_for(device, where)
+    except DeviceUnavailable as e:
+        raise BackendUnavailable(str(e)) from None
+
+
+def module_device(module) -> str:
+    """The device of a module's parameters ("cpu" for a module without any)."""
+    p = next(iter(module.parameters()), None)
+    return "cpu" if p is None else p.device
 
 
 class Module:
@@ -158,24 +157,20 @@ class Module:
         """Move every parameter to a device, or convert it to a float dtype; returns the module (like torch).
 
         device: "cpu" / "numpy" (NumPy arrays) or "cuda" / "gpu" / "cupy" (CuPy arrays; needs CuPy and a GPU:
-        pip install 'tinymoe[cuda12]'). The numpy or cupy module itself is accepted too.
+        pip install 'tinymoe[cuda12]'), or an array module itself (numpy, cupy, or a NumPy-like module such as
+        tinymoe.guarded.xp, the CPU stand-in for a GPU that the tests use). Each array is copied once; gradients
+        are dropped. An optimizer built on these parameters follows them: its moments move at its next step. (Modules
+        hold no other arrays that must move: their caches, e.g. a hash gate's table, are kept per device.)
         dtype: np.float32 / np.float64 (or their names). The forward pass then computes in that dtype: float64
         input into a float64 module gives float64 output. Gradients are dropped (they had the old dtype).
         Anything else raises ValueError naming the valid devices and dtypes.
         """
         target = device_or_dtype
-        if not isinstance(target, str) and hasattr(target, "__name__") and target.__name__ in ("numpy", "cupy"):
-            target = target.__name__  # the array module itself
-        if isinstance(target, str) and target.lower() in DEVICES:
-            if DEVICES[target.lower()] == "cupy":
-                cupy = _cupy_or_raise()
-                with no_grad():
-                    for p in self.parameters():
-                        p.data, p.grad = cupy.asarray(p.data), None
-            else:
-                with no_grad():
-                    for p in self.parameters():
-                        p.data, p.grad = np.asarray(p.numpy()), None
+        xp = None if isinstance(target, (bool, int, float)) else device_module(target)
+        if xp is not None:
+            with no_grad():
+                for p in self.parameters():
+                    p.data, p.grad = move(p.data, xp), None
             return self
         try:
             dtype = None if target is None else np.dtype(target)  # (np.dtype(None) would be float64)
@@ -184,12 +179,17 @@ class Module:
         if dtype is None or dtype.name not in DTYPES or isinstance(target, (bool, int, float)):
             raise ValueError(f"{type(self).__name__}.to({device_or_dtype!r}): expected a device "
                              f"({', '.join(repr(d) for d in DEVICES)}) or a float dtype "
-                             f"(np.float32, np.float64, or 'float32', 'float64')")
+                             f"(np.float32, np.float64, or 'float32', 'float64'), or an array module (numpy, cupy)")
         with no_grad():
             for p in self.parameters():
                 if p.dtype != dtype:
                     p.data, p.grad = p.data.astype(dtype), None
         return self
+
+    @property
+    def device(self) -> str:
+        """Where this module's parameters are: "cpu", "cuda", or another array module's device."""
+        return module_device(self)
 
     def extra_repr(self):
         return ""

@@ -27,8 +27,9 @@ import numpy as np
 from .. import backends, gates
 from .. import dispatch as reference
 from .. import losses as L
+from ..arrays import array_module, host_min_max, to_host
 from ..moe_ops import sparse_mixture
-from ..engine import Tensor
+from ..engine import Tensor, check_device
 from .layers import FeedForward
 from .module import Module, ModuleList, Parameter, make_rng
 from .routers import Router
@@ -53,18 +54,32 @@ class Experts(Module):
         return f"num_experts={E}, d={d}, f={f}, d_out={self.w2.shape[2]}"
 
 
-@dataclass
 class RoutingStats:
-    """What the last forward did: the routing and per-expert counts (for logs, plots and tests)."""
+    """What the last forward did: the routing and per-expert counts (for logs, plots and tests).
 
-    expert_idx: np.ndarray  # (T, k_slots)
-    weights: np.ndarray  # (T, k_slots)
-    keep: np.ndarray  # (T, k_slots) bool: the assignments actually computed
-    chosen: np.ndarray  # (T, k_slots) bool: the assignments the gate asked for (before capacity drops)
-    counts: np.ndarray  # (E,) assignments computed per expert
-    dropped: np.ndarray  # (E,) assignments dropped by capacity per expert
-    task_ids: np.ndarray | None  # (T,)
-    num_experts: int
+    Fields (host NumPy arrays): expert_idx (T, k_slots); weights (T, k_slots); keep (T, k_slots) bool, the
+    assignments actually computed; chosen (T, k_slots) bool, the ones the gate asked for (before capacity drops);
+    counts (E,) assignments computed per expert; dropped (E,) assignments dropped by capacity per expert;
+    task_ids (T,) or None; num_experts. A forward on a GPU keeps its arrays there: each field is copied to the
+    host the first time it is read, so recording them costs a training step nothing."""
+
+    FIELDS = ("expert_idx", "weights", "keep", "chosen", "counts", "dropped", "task_ids")
+
+    def __init__(self, expert_idx, weights, keep, chosen, counts, dropped, task_ids, num_experts):
+        self._arrays = dict(zip(self.FIELDS, (expert_idx, weights, keep, chosen, counts, dropped, task_ids)))
+        self.num_experts = num_experts
+
+    def __getattr__(self, name):
+        arrays = self.__dict__.get("_arrays")
+        if arrays is None or name not in arrays:
+            raise AttributeError(f"RoutingStats has no attribute {name!r}")
+        value = arrays[name]
+        if value is not None and not isinstance(value, np.ndarray):
+            arrays[name] = value = to_host(value)  # the first read copies it from the device
+        return value
+
+    def __repr__(self):
+        return f"RoutingStats(num_experts={self.num_experts}, counts={self.counts.tolist()}, dropped={self.dropped.tolist()})"
 
     def expert_load(self):
         """f_i: the share of computed assignments that went to each expert (E,); uniform is 1/E."""
@@ -285,7 +300,8 @@ class MoE(Module):
         task_tok = self._token_task_ids(task_ids, lead)  # (N,) or None
         routing = self._route(tokens, task_tok, token_ids)
 
-        chosen = np.ones(routing.expert_idx.shape, bool) if routing.keep is None else routing.keep  # (N, k_slots)
+        xp = tokens.xp
+        chosen = xp.ones(routing.expert_idx.shape, bool) if routing.keep is None else routing.keep  # (N, k_slots)
         keep = self._capacity_keep(routing, chosen)  # (N, k_slots) the assignments computed
         y, counts = self._mixture(tokens, routing, keep)  # (N, d), (E,)
         for ffn in self.shared:
@@ -293,9 +309,10 @@ class MoE(Module):
 
         self.aux_losses = self._aux_losses(routing, chosen)
         E = c.num_experts
-        self.last_routing = RoutingStats(
-            routing.expert_idx, np.asarray(routing.weights.numpy()), keep, chosen, counts,
-            np.bincount(routing.expert_idx[chosen & ~keep], minlength=E), task_tok, E)
+        dropped = xp.bincount(routing.expert_idx.reshape(-1), weights=(chosen & ~keep).reshape(-1).astype(np.float64),
+                               minlength=E)  # (E,) counted by weight: no boolean selection
+        self.last_routing = RoutingStats(routing.expert_idx, routing.weights.data, keep, chosen, counts,
+                                         dropped.astype(np.int64), task_tok, E)  # (on the device until read)
         return y.reshape(*lead, -1)
 
     def _capacity_keep(self, routing: gates.Routing, chosen):
@@ -312,7 +329,7 @@ class MoE(Module):
         c = self.config
         y, plan = sparse_mixture(tokens, routing.expert_idx, routing.weights, keep, self.experts, c.num_experts,
                                  c.activation)  # (N, d)
-        return y, np.asarray(plan.counts)
+        return y, plan.counts
 
     def _route(self, tokens, task_tok, token_ids) -> gates.Routing:
         """The gate's routing of tokens (N, d): router output h, then GATE_SPECS[gate].route."""
@@ -327,7 +344,8 @@ class MoE(Module):
             ids = token_ids if token_ids is not None else task_tok
             if ids is None:
                 raise ValueError(f"MoE: gate={c.gate!r} routes by id: pass token_ids= (vocabulary ids) or task_ids=")
-            g.ids = np.asarray(ids).reshape(-1)
+            check_device("MoE (token_ids)", tokens, ids)
+            g.ids = tokens.xp.asarray(ids).reshape(-1)
             if g.ids.size != tokens.shape[0]:
                 raise ValueError(f"MoE: token_ids must have one id per token ({tokens.shape[0]}), got {g.ids.size}")
             return spec.route(None, g)
@@ -340,16 +358,25 @@ class MoE(Module):
             if needs:
                 raise ValueError(f"MoE: router={self.config.router!r} needs task_ids of shape {lead[:1]}")
             return None
-        ids = np.asarray(task_ids.data if isinstance(task_ids, Tensor) else task_ids)
+        ids = task_ids.data if isinstance(task_ids, Tensor) else task_ids
+        check_device("MoE (task_ids)", self._device_array(), ids)
+        ids = array_module(self._device_array()).asarray(ids)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"MoE: task_ids must be integers, got dtype {ids.dtype}")
         if ids.shape != lead[:1] and ids.shape != lead:
             raise ValueError(f"MoE: task_ids must have shape {lead[:1]} (one per example), got {ids.shape}")
         emb = getattr(self.router, "task_embedding", None)
         limit = emb.num_tasks if emb is not None else self.config.num_tasks  # (a composed embedding can grow)
-        if ids.size and limit is not None and (ids.min() < 0 or ids.max() >= limit):
-            raise ValueError(f"MoE: task_ids must lie in [0, {limit}), got [{ids.min()}, {ids.max()}]")
-        return np.broadcast_to(ids.reshape(ids.shape + (1,) * (len(lead) - ids.ndim)), lead).reshape(-1)
+        if ids.size and limit is not None and needs:  # (ids only recorded for RoutingStats need no check here)
+            low, high = host_min_max(ids)  # one copy of two numbers from the device
+            if low < 0 or high >= limit:
+                raise ValueError(f"MoE: task_ids must lie in [0, {limit}), got [{low}, {high}]")
+        xp = array_module(ids)
+        return xp.broadcast_to(ids.reshape(ids.shape + (1,) * (len(lead) - ids.ndim)), lead).reshape(-1)
+
+    def _device_array(self):
+        """An array on this layer's device (its first expert weight)."""
+        return self.experts.w1.data
 
     def _aux_losses(self, routing: gates.Routing, chosen) -> dict:
         """The gate's own losses (routing.aux), then the ones the spec lists, computed from the routing."""

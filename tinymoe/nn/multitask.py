@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import gates
+from ..arrays import HostCopies
 from .. import losses as L
 from ..moe_ops import combine, gather, grouped_ffn, plan_routing
 from ..engine import Tensor
@@ -73,7 +74,12 @@ class MultiGateMoE(Module):
                                 gamma, rng)
         self.towers = ModuleList([Tower(d_expert, tower_hidden, out_dim, rng, dtype) for _ in range(num_tasks)])
         self.aux_losses: dict = {}
-        self.last_weights: list = []
+        self._last_weights = HostCopies()
+
+    @property
+    def last_weights(self) -> list:
+        """Per task, the last forward's gate weights q (N, E) (host arrays, copied from the device on first read)."""
+        return self._last_weights.get()
 
     @property
     def static(self):
@@ -87,7 +93,7 @@ class MultiGateMoE(Module):
         for t in range(self.num_tasks):
             if self.static:
                 q, a = gates.dselect_k_weights(self.z[t], self.alpha[t], E, self.gamma, self.training)
-                q = q.reshape(1, -1) * Tensor(np.ones((N, 1), q.dtype))  # (N, E): the same for every example
+                q = q.reshape(1, -1) * Tensor(x.xp.ones((N, 1), q.dtype))  # (N, E): the same for every example
             else:
                 r = GATE_SPECS[self.gate_name].route(self.gates[t](x), g)
                 q, a = gates.scatter_rows(r.weights, r.expert_idx, E), r.aux  # (N, E)
@@ -102,15 +108,16 @@ class MultiGateMoE(Module):
         N, E = x.shape[0], self.num_experts
         weights, self.aux_losses = self.task_weights(x)
         # compute each (example, expert) pair once, if any task gives it weight: slot j is expert j
-        needed = np.zeros((N, E), bool)
+        xp = x.xp
+        needed = xp.zeros((N, E), bool)
         for q in weights:
             needed |= q.data != 0
-        idx = np.broadcast_to(np.arange(E), (N, E)).copy()
+        idx = xp.broadcast_to(xp.arange(E), (N, E)).copy()
         plan = plan_routing(idx, E, needed)
         xs = x.astype(self.experts.w1.dtype)
         out = grouped_ffn(gather(xs, plan), plan, self.experts.w1, self.experts.b1, self.experts.w2,
                           self.experts.b2, self.activation)
-        self.last_weights = [np.asarray(q.numpy()) for q in weights]
+        self._last_weights = HostCopies(q.data for q in weights)
         return [tower(combine(out, q, plan)) for tower, q in zip(self.towers, weights)]
 
     def aux_loss(self):

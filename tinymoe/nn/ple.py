@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
+from ..arrays import HostCopies, array_module
 from ..engine import Tensor, stack
 from .layers import Linear
 from .module import Module, ModuleList, init_config, make_rng
@@ -108,7 +109,7 @@ class PLE(Module):
         self.expert_names = [f"t{k}.e{i}" for k in range(num_tasks) for i in range(num_task_experts)] + \
                             [f"shared.e{i}" for i in range(num_shared_experts)]
         self.aux_losses: dict = {}  # no auxiliary loss: dense softmax gates need no balancing
-        self.last_weights: list = []
+        self._last_weights = HostCopies()
 
     @property
     def num_experts(self):
@@ -122,13 +123,19 @@ class PLE(Module):
         task_inputs, shared_input = [x] * self.num_tasks, x
         for level in self.levels:
             task_inputs, shared_input, weights = level(task_inputs, shared_input)
-        self.last_weights = [self._global_weights(k, w) for k, w in enumerate(weights)]
+        self._last_weights = HostCopies(self._global_weights(k, w) for k, w in enumerate(weights))
         return [tower(h) for tower, h in zip(self.towers, task_inputs)]
+
+    @property
+    def last_weights(self) -> list:
+        """Per task, the last forward's last-level gate weights (N, E_total) in the global expert order (host
+        arrays, copied from the device on first read)."""
+        return self._last_weights.get()
 
     def _global_weights(self, k, w):
         """Task k's last-level gate weights (N, m_k + m_s) placed in the global expert order (N, E_total)."""
-        w = np.asarray(w.numpy())
-        out = np.zeros((w.shape[0], self.num_experts), dtype=w.dtype)
+        w = w.data
+        out = array_module(w).zeros((w.shape[0], self.num_experts), dtype=w.dtype)
         m = self.num_task_experts
         out[:, k * m:(k + 1) * m] = w[:, :m]
         out[:, self.num_tasks * m:] = w[:, m:]

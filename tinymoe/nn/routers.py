@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arrays import device_name
 from ..engine import Tensor, concatenate
 from .module import Module, Parameter, make_rng
 
@@ -60,12 +61,22 @@ class TaskEmbedding(Module):
     def forward(self, task_ids):
         if self.descriptions is None:
             return self.weight[task_ids]
-        width = max(len(d) for d in self.descriptions)
-        table = np.full((self.num_tasks, width), -1)  # (tasks, parts), -1 = padding
-        for i, parts in enumerate(self.descriptions):
-            table[i, : len(parts)] = parts
-        padded = concatenate([self.part_weight, Tensor(np.zeros((1, self.dim), self.part_weight.dtype))])
-        return padded[table[task_ids]].sum(axis=1)  # index -1 picks the zero row
+        xp = self.part_weight.xp
+        padded = concatenate([self.part_weight, Tensor(xp.zeros((1, self.dim), self.part_weight.dtype))])
+        return padded[self._part_table(xp)[task_ids]].sum(axis=1)  # index -1 picks the zero row
+
+    def _part_table(self, xp):
+        """(tasks, parts) part ids per task, -1 = padding; built on the host, kept on xp's device until the
+        descriptions change (add_task)."""
+        key = (device_name(xp), tuple(map(tuple, self.descriptions)))  # (names, not modules: a model deep-copies)
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0] != key:
+            width = max(len(d) for d in self.descriptions)
+            table = np.full((self.num_tasks, width), -1)
+            for i, parts in enumerate(self.descriptions):
+                table[i, : len(parts)] = parts
+            self._table = cached = (key, table if xp is np else xp.asarray(table))
+        return cached[1]
 
 
 class Router(Module):
