@@ -160,7 +160,7 @@ def gather(x, order, k):
 
 def gather_backward(dxs, inverse, k, num_tokens):
     """dx[t] = Σ_j dxs[inverse[t·k + j]] over kept assignments. (R, d) -> (T, d)"""
-    dtype = cp.asarray(dxs).dtype
+    dtype = dxs.dtype
     work = _work_dtype(dtype)
     dxs, inverse = _floats(dxs, work), _ints(inverse)
     T, d = int(num_tokens), dxs.shape[1]
@@ -171,7 +171,7 @@ def gather_backward(dxs, inverse, k, num_tokens):
 
 def combine(out, weights, inverse):
     """y[t] = Σ_j weights[t, j] · out[inverse[t·k + j]] over kept assignments. (R, d) -> (T, d)"""
-    dtype = cp.asarray(out).dtype
+    dtype = out.dtype
     work = _work_dtype(dtype)
     out, weights, inverse = _floats(out, work), _floats(weights, work), _ints(inverse)
     (T, k), d = weights.shape, out.shape[1]
@@ -182,7 +182,7 @@ def combine(out, weights, inverse):
 
 def combine_backward(dy, out, weights, inverse):
     """Adjoint of combine -> dout (R, d) in out's dtype, dweights (T, k) in weights' dtype."""
-    out_dtype, w_dtype = cp.asarray(out).dtype, cp.asarray(weights).dtype
+    out_dtype, w_dtype = out.dtype, weights.dtype
     work = _work_dtype(out_dtype)
     dy, out, weights, inverse = _floats(dy, work), _floats(out, work), _floats(weights, work), _ints(inverse)
     (T, k), d = weights.shape, out.shape[1]
@@ -240,7 +240,7 @@ def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
     -> out (R, d_out) and the pre-activation h (R, f), both in xs's dtype.
     """
     code = _act_code(activation)
-    dtype = cp.asarray(xs).dtype
+    dtype = xs.dtype
     work = _work_dtype(dtype)
     xs, w1, b1, w2, b2 = (_floats(a, work) for a in (xs, w1, b1, w2, b2))
     offsets = _host_offsets(offsets)
@@ -263,7 +263,7 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     Weight gradients of experts with no rows are zero. dxs has xs's dtype, the weight gradients the weights'.
     """
     code = _act_code(activation)
-    x_dtype, w_dtype = cp.asarray(xs).dtype, cp.asarray(w1).dtype
+    x_dtype, w_dtype = xs.dtype, w1.dtype
     work = _work_dtype(x_dtype)
     dout, xs, h, w1, w2 = (_floats(a, work) for a in (dout, xs, h, w1, w2))
     offsets = _host_offsets(offsets)
