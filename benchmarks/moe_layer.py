@@ -837,8 +837,8 @@ def gpu_targets_summary(rows):
     return "targets [cupy, GPU]: " + "; ".join(parts)
 
 
-def bench_gpu(be, shapes, *, repeat, warmup, activation, torch_on):
-    """Every GPU shape; returns the rows."""
+def bench_gpu(be, shapes, *, repeat, warmup, activation, torch_on, on_row=None):
+    """Every GPU shape; returns the rows. on_row(rows so far) after each shape (to save partial results)."""
     from tinymoe.backends.cupy import _gemm
 
     be.warmup()
@@ -857,6 +857,8 @@ def bench_gpu(be, shapes, *, repeat, warmup, activation, torch_on):
         rows.append(bench_gpu_shape(shape, be, repeat=repeat, warmup=warmup, activation=activation,
                                     torch_on=torch_on, copy_bw=copy_bw, machine=machine))
         _log(f"  GPU shape T,d,f,E,k={shape}: {time.perf_counter() - t0:.1f} s")
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -944,8 +946,14 @@ def main(argv=None) -> int:
     if gpu is not None and not rows and not skipped:  # only the GPU was asked for: no empty CPU table
         report = ""
     if gpu is not None:
+        def save_partial(gpu_rows):  # a GPU run cut short by a time limit still leaves the shapes it finished
+            if args.json and args.json != "-":
+                with open(args.json, "w") as fh:
+                    fh.write(json.dumps(rows + gpu_rows, indent=1, default=float) + "\n")
+
         gpu_rows = bench_gpu(gpu, GPU_QUICK_SHAPES if args.shapes == "quick" else GPU_SHAPES, repeat=repeat,
-                             warmup=max(args.warmup, 2), activation=args.activation, torch_on=torch_on)
+                             warmup=max(args.warmup, 2), activation=args.activation, torch_on=torch_on,
+                             on_row=save_partial)
         report += (("\n\n" if report else "") + "GPU (cupy backend):\n" + format_table(gpu_rows, {}) + "\n"
                    + gpu_targets_summary(gpu_rows))
         rows += gpu_rows
