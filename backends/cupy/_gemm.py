@@ -25,6 +25,7 @@ _OP_N, _OP_T = 0, 1
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
 _CUDA_R_32F, _CUDA_R_64F = 0, 1
 _GEMM_DEFAULT = -1
+_POINTER_MODE_HOST = 0
 _ONE = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
 _ZERO = {dtype: np.zeros(1, dtype) for dtype in _ONE}
 _cublas = None
@@ -74,6 +75,8 @@ def gemm(a, b, c, m, n, k, trans_a=False, trans_b=False, a_at=0, b_at=0, c_at=0,
     size = dtype.itemsize
     cublas = _lib()
     handle = cupy.cuda.device.get_cublas_handle()
+    if cublas.getPointerMode(handle) != _POINTER_MODE_HOST:  # alpha and beta below live in host memory
+        cublas.setPointerMode(handle, _POINTER_MODE_HOST)
     data_type = _CUDA_R_64F if dtype == np.float64 else _CUDA_R_32F
     # column-major view: C^T (n × m) = op(B)^T (n × k) · op(A)^T (k × m)
     op_b, ld_b = (_OP_T, k) if trans_b else (_OP_N, n)
