@@ -298,6 +298,16 @@ def test_train_with_backend_cupy_without_a_gpu_exits_2_naming_the_install(tmp_pa
     assert not any(tmp_path.iterdir())  # nothing written: refused with the config, before data or run folder
 
 
+@pytest.mark.skipif(GPU, reason="a GPU is usable here: cupy runs")
+def test_a_gpu_run_is_evaluated_on_this_machines_backend(monkeypatch):
+    """tinymoe eval / routes of a run trained with backend = "cupy" run on a host backend where there is no GPU."""
+    from tinymoe.runs import run_backend
+
+    monkeypatch.delenv("TINYMOE_BACKEND", raising=False)
+    with run_backend("cupy") as name:
+        assert name in ("numba", "numpy") and tm.get_backend() == name
+
+
 # ------------------------------------------------------------------------------------------------ on the GPU
 def _dev(a):
     return None if a is None else cupy_backend.asarray(a)
