@@ -17,7 +17,6 @@ token, capacity overflow, k = E, ties, one token), bitwise-equal reruns, and a w
 equal to the CPU one within float32 tolerance. Nothing here claims a kernel ran unless it ran.
 """
 import contextlib
-import ctypes
 import importlib.util
 import inspect
 import os
@@ -35,6 +34,7 @@ import tinymoe.backends.cupy as cupy_backend  # unconditional: an import error o
 from tinymoe import dispatch as D
 from tinymoe.activations import ACTIVATIONS
 from tinymoe.backends.cupy import _gemm, _kernels
+from cupy_standin import HostArray, HostCublas  # noqa: E402
 from test_backends import assert_close, assert_same, expert_weights, routings  # noqa: E402
 
 GPU = "cupy" in tm.backends.available()
@@ -79,67 +79,16 @@ def test_kernel_sources_compile_with_nvrtc(arch):
 
 
 # ------------------------------------------------------------------------------------------------ GEMM bookkeeping
-class _HostArray:
-    """A NumPy array dressed as a CuPy one for _gemm.gemm (`.data.ptr`, `.dtype`, `.reshape`)."""
-
-    def __init__(self, a):
-        self.a = a
-        self.dtype = a.dtype
-        self.data = types.SimpleNamespace(ptr=a.ctypes.data)
-
-    def reshape(self, *shape):
-        return self.a.reshape(*shape)
-
-
-def _matrix(ptr, rows, cols, ld, dtype):
-    """The column-major rows × cols matrix at address ptr with leading dimension ld, as a writable NumPy view."""
-    size = np.dtype(dtype).itemsize
-    extent = (cols - 1) * ld + rows
-    buf = np.ctypeslib.as_array((ctypes.c_byte * (extent * size)).from_address(ptr)).view(dtype)
-    return np.lib.stride_tricks.as_strided(buf, shape=(rows, cols), strides=(size, ld * size))
-
-
-class _HostCublas:
-    """cuBLAS's gemm contract on host memory: C = α·op(A)·op(B) + β·C, column-major, op(A) m × k, op(B) k × n."""
-
-    calls = 0
-
-    def _one(self, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, dtype):
-        A = _matrix(A, k, m, lda, dtype).T if ta else _matrix(A, m, k, lda, dtype)
-        B = _matrix(B, n, k, ldb, dtype).T if tb else _matrix(B, k, n, ldb, dtype)
-        Cm = _matrix(C, m, n, ldc, dtype)
-        a = np.frombuffer(ctypes.string_at(alpha, np.dtype(dtype).itemsize), dtype)[0]
-        b = np.frombuffer(ctypes.string_at(beta, np.dtype(dtype).itemsize), dtype)[0]
-        Cm[...] = a * (A @ B) + (b * Cm if b else 0)
-
-    def getPointerMode(self, handle):
-        return 0
-
-    def gemmEx(self, handle, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, compute, algo):
-        assert at == bt == ct and compute in (68, 77, 70)
-        _HostCublas.calls += 1
-        self._one(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, np.float64 if at == 1 else np.float32)
-
-    def gemmStridedBatchedEx(self, handle, ta, tb, m, n, k, alpha, A, at, lda, sa, B, bt, ldb, sb, beta, C, ct, ldc,
-                             sc, batch, compute, algo):
-        _HostCublas.calls += 1
-        dtype = np.float64 if at == 1 else np.float32
-        size = np.dtype(dtype).itemsize
-        for i in range(batch):
-            self._one(ta, tb, m, n, k, alpha, A + i * sa * size, lda, B + i * sb * size, ldb, beta, C + i * sc * size,
-                      ldc, dtype)
-
-
 @contextlib.contextmanager
 def host_cublas():
-    """_gemm.gemm calling _HostCublas (and a stand-in `cupy` for its handle) inside the block."""
+    """_gemm.gemm calling HostCublas (and a stand-in `cupy` for its handle) inside the block."""
     fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(device=types.SimpleNamespace(
         get_cublas_handle=lambda: 0)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "cupy", fake_cupy)
-        mp.setattr(_gemm, "_cublas", _HostCublas())
-        _HostCublas.calls = 0
-        yield _HostCublas
+        mp.setattr(_gemm, "_cublas", HostCublas())
+        HostCublas.calls = 0
+        yield HostCublas
 
 
 @given(counts=st.lists(st.integers(0, 5), min_size=1, max_size=6), equal=st.booleans(), d=st.integers(1, 4),
@@ -158,7 +107,7 @@ def test_expert_gemms_match_numpy(counts, equal, d, f, dtype, seed):
     w1, w2 = rng.standard_normal((E, d, f)).astype(dtype), rng.standard_normal((E, f, d)).astype(dtype)
     h, g, out, dxs = (np.zeros((R, w), dtype) for w in (f, f, d, d))
     dw1, dw2 = np.zeros((E, d, f), dtype), np.zeros((E, f, d), dtype)
-    H = _HostArray
+    H = HostArray
     run = cupy_backend._expert_gemms
     with host_cublas() as cublas:
         run(offsets, ("rows", f, d), H(xs), H(w1), H(h), (("row", d), ("expert", d * f), ("row", f)))
@@ -188,7 +137,7 @@ def test_gemm_accumulates_and_pins_the_compute_type(monkeypatch):
     a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32)
     c = np.full((2, 2), 10, np.float32)
     with host_cublas():
-        _gemm.gemm(_HostArray(a), _HostArray(b), _HostArray(c), 2, 2, 3, accumulate=True)
+        _gemm.gemm(HostArray(a), HostArray(b), HostArray(c), 2, 2, 3, accumulate=True)
     np.testing.assert_array_equal(c, 10 + a @ b)
     monkeypatch.setenv("CUPY_TF32", "1")
     assert _gemm.compute_type(np.float32) == 77 and _gemm.compute_type(np.float64) == 70  # TF32 never for float64
@@ -314,15 +263,24 @@ def _dev(a):
 
 
 def _on_device(a):
-    return type(a).__module__.startswith("cupy")
+    return isinstance(a, cupy_backend.cp.ndarray)
+
+
+primitive_cases = dict(routing=routings(), cf=st.none() | st.floats(0.1, 2.0), by_weight=st.booleans(),
+                       dtype=st.sampled_from([np.float32, np.float64]), d=st.integers(1, 40), f=st.integers(1, 40),
+                       d_out=st.integers(1, 40), activation=st.sampled_from(sorted(ACTIVATIONS)),
+                       seed=st.integers(0, 2**16))
 
 
 @needs_gpu
-@given(routing=routings(), cf=st.none() | st.floats(0.1, 2.0), by_weight=st.booleans(),
-       dtype=st.sampled_from([np.float32, np.float64]), d=st.integers(1, 40), f=st.integers(1, 40),
-       d_out=st.integers(1, 40), activation=st.sampled_from(sorted(ACTIVATIONS)), seed=st.integers(0, 2**16))
+@given(**primitive_cases)
 def test_primitives_on_device_match_reference(routing, cf, by_weight, dtype, d, f, d_out, activation, seed):
-    """Every primitive on CuPy inputs: results on the device (offsets on the host), equal to the reference."""
+    check_primitives(routing, cf, by_weight, dtype, d, f, d_out, activation, seed)
+
+
+def check_primitives(routing, cf, by_weight, dtype, d, f, d_out, activation, seed):
+    """Every primitive on device inputs: results on the device (offsets on the host), equal to the reference.
+    (Also run on the CPU stand-in for CuPy: tests/test_cupy_standin.py.)"""
     be = cupy_backend
     idx, keep, priority, E = routing
     T, k = idx.shape
@@ -367,10 +325,17 @@ def test_primitives_on_device_match_reference(routing, cf, by_weight, dtype, d, 
                  "gather_backward")
 
 
+EXPERT_COUNTS = [[4, 4, 4], [0, 7, 0, 2], [9], [0, 0, 3]]
+
+
 @needs_gpu
-@pytest.mark.parametrize("counts", [[4, 4, 4], [0, 7, 0, 2], [9], [0, 0, 3]])
+@pytest.mark.parametrize("counts", EXPERT_COUNTS)
 def test_expert_ffn_equal_and_uneven_experts(counts):
-    """The strided-batched path (all experts equal) and the per-expert loop (empty experts) on the GPU."""
+    check_expert_counts(counts)
+
+
+def check_expert_counts(counts):
+    """The strided-batched path (all experts equal) and the per-expert loop (empty experts)."""
     rng = np.random.default_rng(0)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     E, R, d, f = len(counts), int(offsets[-1]), 33, 65
@@ -427,6 +392,11 @@ def test_moe_layer_on_gpu_matches_numpy(gate, cf, priority, T, E, k_frac, d, f, 
 @given(routing=routings(), dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16))
 @settings(max_examples=10)
 def test_two_runs_are_bitwise_equal(routing, dtype, seed):
+    check_bitwise(routing, dtype, seed)
+
+
+def check_bitwise(routing, dtype, seed):
+    """Every primitive run twice on the same inputs: the same bits."""
     be = cupy_backend
     idx, keep, priority, E = routing
     T, k = idx.shape

@@ -8,10 +8,6 @@ thread (a barrier stands in for __syncthreads, a per-warp barrier and a slot arr
 cooperative kernels run too. It needs a C++20 compiler (skipped with the reason without one), not a GPU; it says
 nothing about speed, memory coalescing or what NVRTC makes of the source (the NVRTC test and the GPU tests do).
 """
-import ctypes
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 from hypothesis import given, note
@@ -20,134 +16,29 @@ from hypothesis import strategies as st
 from tinymoe import dispatch as D
 from tinymoe.activations import ACTIVATIONS, get_activation
 from tinymoe.backends.cupy import _kernels
+from cupy_standin import build_kernels, launch  # noqa: E402
 from test_backends import routings  # noqa: E402
 
-CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-
-SHIM = r"""
-// just enough CUDA to run the kernels on the host: one std::thread per CUDA thread of a block (blocks in turn),
-// a barrier for __syncthreads, and warp shuffles through a shared slot array and a per-warp barrier
-#include <barrier>
-#include <cmath>
-#include <memory>
-#include <thread>
-#include <vector>
-using std::exp; using std::tanh; using std::fabs;
-struct Dim3 { unsigned x = 0, y = 0, z = 0; };
-static thread_local Dim3 threadIdx, blockIdx;
-static thread_local unsigned linear_id;
-static Dim3 blockDim, gridDim;
-static std::barrier<>* block_barrier;
-static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-static double slots[1024];
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__ __restrict
-#define __shared__ static
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-template <typename F> F __shfl_down_sync(unsigned, F v, int offset) {  // lane + offset past the warp: own value
-    unsigned warp = linear_id / 32, lane = linear_id % 32;
-    slots[linear_id] = (double)v;
-    warp_barriers[warp]->arrive_and_wait();
-    F r = lane + offset < 32 ? (F)slots[warp * 32 + lane + offset] : v;
-    warp_barriers[warp]->arrive_and_wait();
-    return r;
-}
-
-template <typename K, typename... A>
-void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, K kernel, A... args) {
-    gridDim = {gx, gy, 1};
-    blockDim = {bx, by, 1};
-    unsigned n = bx * by;  // a multiple of 32 here
-    for (unsigned y = 0; y < gy; ++y)
-        for (unsigned x = 0; x < gx; ++x) {
-            std::barrier<> block(n);
-            block_barrier = &block;
-            warp_barriers.clear();
-            for (unsigned w = 0; w < n / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-            std::vector<std::thread> threads;
-            for (unsigned ty = 0; ty < by; ++ty)
-                for (unsigned tx = 0; tx < bx; ++tx)
-                    threads.emplace_back([=] {
-                        threadIdx = {tx, ty, 0};
-                        blockIdx = {x, y, 0};
-                        linear_id = ty * bx + tx;
-                        kernel(args...);
-                    });
-            for (auto& t : threads) t.join();
-        }
-}
-"""
-
-WRAPPERS = r"""
-#define LL long long
-#define WRAPPERS(F, S) \
-extern "C" void gather_rows_##S(unsigned g, unsigned b, const F* x, const LL* order, LL k, LL R, LL d, F* xs) \
-    { launch(g, 1, b, 1, gather_rows<F>, x, order, k, R, d, xs); } \
-extern "C" void gather_rows_backward_##S(unsigned g, unsigned b, const F* dxs, const LL* inv, LL k, LL T, LL d, F* dx) \
-    { launch(g, 1, b, 1, gather_rows_backward<F>, dxs, inv, k, T, d, dx); } \
-extern "C" void combine_rows_##S(unsigned g, unsigned b, const F* out, const F* w, const LL* inv, LL k, LL T, LL d, \
-                                 F* y) { launch(g, 1, b, 1, combine_rows<F>, out, w, inv, k, T, d, y); } \
-extern "C" void combine_backward_rows_##S(unsigned g, unsigned b, const F* dy, const F* w, const LL* inv, LL k, \
-                                          LL n, LL d, F* dout) \
-    { launch(g, 1, b, 1, combine_backward_rows<F>, dy, w, inv, k, n, d, dout); } \
-extern "C" void combine_backward_weights_##S(unsigned g, unsigned b, const F* dy, const F* out, const LL* inv, LL k, \
-                                             LL n, LL d, F* dw) \
-    { launch(g, 1, b, 1, combine_backward_weights<F>, dy, out, inv, k, n, d, dw); } \
-extern "C" void bias_act_##S(unsigned g, unsigned b, const F* in, const F* bias, const LL* offsets, int E, LL R, LL n, \
-                             int act, F* pre, F* post) \
-    { launch(g, 1, b, 1, bias_act<F>, in, bias, offsets, E, R, n, act, pre, post); } \
-extern "C" void act_grad_mul_##S(unsigned g, unsigned b, F* gr, const F* h, LL n, int act) \
-    { launch(g, 1, b, 1, act_grad_mul<F>, gr, h, n, act); } \
-extern "C" void segment_column_sums_##S(unsigned gx, unsigned gy, const F* x, const LL* offsets, LL n, F* out) \
-    { launch(gx, gy, 32, 8, segment_column_sums<F>, x, offsets, n, out); }
-WRAPPERS(float, f32)
-WRAPPERS(double, f64)
-"""
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++, c++ or clang++) to run the CUDA kernels on the host")
-    folder = tmp_path_factory.mktemp("kernels")
-    src, so = folder / "kernels_host.cpp", folder / "kernels_host.so"
-    src.write_text(SHIM + _kernels.SOURCE + WRAPPERS)
-    done = subprocess.run([CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", str(src), "-o", str(so)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return ctypes.CDLL(str(so))
-
-
-def _c_args(args):
-    """ctypes arguments: arrays by address, None as a null pointer, np.int32 as int, other numbers as long long."""
-    converted = []
-    for a in args:
-        if a is None:
-            converted.append(ctypes.c_void_p(0))
-        elif isinstance(a, np.ndarray):
-            assert a.flags.c_contiguous
-            converted.append(ctypes.c_void_p(a.ctypes.data))
-        elif isinstance(a, np.int32):
-            converted.append(ctypes.c_int(int(a)))
-        else:
-            converted.append(ctypes.c_longlong(int(a)))
-    return converted
+    return build_kernels(tmp_path_factory.mktemp("kernels"))
 
 
 def call(lib, name, dtype, n, *args, block=32, max_grid=3):
     """Launch grid-stride kernel `name` for `dtype` over n items with at most max_grid blocks (so the loops wrap)."""
-    grid = max(1, min(-(-n // block), max_grid))
-    getattr(lib, f"{name}_{SUFFIX[np.dtype(dtype)]}")(ctypes.c_uint(grid), ctypes.c_uint(block), *_c_args(args))
+    launch(lib, name, dtype, (max(1, min(-(-n // block), max_grid)),), (block,), args)
 
 
 def call_dims(lib, name, dtype, dims, *args):
-    """Launch kernel `name` with its wrapper's leading launch dimensions `dims` as given."""
-    getattr(lib, f"{name}_{SUFFIX[np.dtype(dtype)]}")(*(ctypes.c_uint(v) for v in dims), *_c_args(args))
+    """Launch kernel `name` with grid dims[0] and block dims[1] (segment_column_sums: grid (dims), block (32, 8))."""
+    if name == "segment_column_sums":
+        launch(lib, name, dtype, dims, (32, _kernels.SUM_LANES), args)
+    else:
+        launch(lib, name, dtype, (dims[0],), (dims[1],), args)
 
 
-SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
 
 
