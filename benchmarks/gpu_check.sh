@@ -14,7 +14,8 @@
 #               backends/ placed inside tinymoe/ (what the install does) run from /tmp  (20 + 45 + 30 s)
 #   3. tests    tests/test_cupy_backend.py, tests/test_cupy_bench.py and the cupy cases of tests/test_backends.py
 #               (property tests against the NumPy reference, bitwise reruns, a GPU training step vs the CPU) (150 s)
-#   4. bench    tinymoe bench --backend cupy: float32, then TF32 (fewer repeats)          (100 s + 60 s)
+#   4. bench    tinymoe bench --backend cupy: float32 (with the whole tm.nn.MoE layer on the device, --layer),
+#               then TF32 (fewer repeats)                                                 (100 s + 60 s)
 #   5. step     benchmarks/train_step.py gpu: a d512/E8/4-layer training step, cupy beside numba (60 s)
 # Files written to OUT_DIR (at most 8, as the lending tool returns): summary.txt (each stage's exit status and the
 # key lines), gpu_check.log (everything), tests.xml, bench_fp32.json, bench_tf32.json, train_step.json.
@@ -83,7 +84,7 @@ stage tests 150 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/test
 grep -E "passed|failed|error" "$LOG" | tail -1 >>"$SUMMARY"
 
 # ---- 4. benchmarks: the MoE layer against its dense equivalent and eager PyTorch CUDA
-stage bench-fp32 100 "$PY" -m benchmarks.moe_layer --backend cupy --repeat 5 --json "$OUT_DIR/bench_fp32.json"
+stage bench-fp32 100 "$PY" -m benchmarks.moe_layer --backend cupy --repeat 5 --layer --json "$OUT_DIR/bench_fp32.json"
 grep -E "^targets \[cupy, GPU\]" "$LOG" | tail -1 | sed 's/^/fp32 /' >>"$SUMMARY"
 stage bench-tf32 60 "$PY" -m benchmarks.moe_layer --backend cupy --repeat 3 --tf32 --json "$OUT_DIR/bench_tf32.json"
 grep -E "^targets \[cupy, GPU\]" "$LOG" | tail -1 | sed 's/^/tf32 /' >>"$SUMMARY"

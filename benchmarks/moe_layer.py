@@ -726,7 +726,43 @@ def _host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
-def bench_gpu_shape(shape, be, *, repeat, warmup, activation, torch_on, copy_bw, machine):
+class GpuLayer:
+    """The whole framework on the GPU (`--layer`): tm.nn.MoE moved with .to("cupy") (gate, aux losses, autodiff)
+    against tm.nn.FeedForward on the T·k rows, also on the GPU; CUDA-event clocks."""
+
+    def __init__(self, shape: Shape, p, activation):
+        import cupy
+
+        from tinymoe import nn
+        from tinymoe.engine import Tensor
+
+        self.Tensor = Tensor
+        self.moe = nn.MoE(shape.d, shape.f, shape.E, gate="top_k", k=shape.k, activation=activation, seed=0).to("cupy")
+        self.ffn = nn.FeedForward(shape.d, shape.f, activation, seed=0).to("cupy")
+        self.x, self.dy, self.xd, self.dyd = (cupy.asarray(p[key]) for key in ("x", "dy", "xd", "dyd"))
+
+    def _time(self, module, x, dy):
+        module.zero_grad()
+        x = self.Tensor(x, requires_grad=True)
+        ev = _Events()
+        ev.mark()
+        y = module(x)
+        ev.mark()
+        y.backward(dy)
+        ev.mark()
+        fwd, bwd = ev.seconds()
+        return {"fwd": fwd, "bwd": bwd}, None
+
+    def run_moe(self):
+        with backends.use_backend("cupy"):
+            return self._time(self.moe, self.x, self.dy)
+
+    def run_dense(self):
+        with backends.use_backend("cupy"):
+            return self._time(self.ffn, self.xd, self.dyd)
+
+
+def bench_gpu_shape(shape, be, *, repeat, warmup, activation, torch_on, copy_bw, machine, layer=False):
     """The cupy backend, the dense equivalent and (when torch has CUDA) eager PyTorch CUDA on one shape: one row."""
     import cupy
 
@@ -739,15 +775,28 @@ def bench_gpu_shape(shape, be, *, repeat, warmup, activation, torch_on, copy_bw,
     torch_moe = TorchMoE(p, shape.E, activation, 1, device="cuda") if torch_on else None
     if torch_moe is not None:
         contenders["torch"], contenders["torch_dense"] = torch_moe.run, torch_moe.run_dense
+    errors = {}  # contender -> why it could not run (the whole layer needs the engine on the device)
+    if layer:
+        try:
+            gpu_layer = GpuLayer(shape, p, activation)
+            contenders["layer_dense"], contenders["layer:cupy"] = gpu_layer.run_dense, gpu_layer.run_moe
+        except Exception as e:
+            errors["layer"] = f"{type(e).__name__}: {e}"
     runs, outputs = {}, {}
     for key, fn in contenders.items():
-        for _ in range(warmup):
-            fn()
-        runs[key] = []
-        for _ in range(repeat):
-            times, outputs[key] = _timed(fn)
-            runs[key].append(times)
-    med = {key: _median_times(r) for key, r in runs.items()}
+        try:
+            for _ in range(warmup):
+                fn()
+            runs[key] = []
+            for _ in range(repeat):
+                times, outputs[key] = _timed(fn)
+                runs[key].append(times)
+        except Exception as e:
+            if not key.startswith("layer"):
+                raise
+            errors[key] = f"{type(e).__name__}: {e}"
+            runs.pop(key, None)
+    med = {key: _median_times(r) for key, r in runs.items() if r}
     _, ref_out = run_moe(dispatch, p, shape.E, activation)  # the NumPy reference once, untimed, for the error
     got = {key: _host(value) for key, value in outputs["cupy"].items()}
 
@@ -775,6 +824,13 @@ def bench_gpu_shape(shape, be, *, repeat, warmup, activation, torch_on, copy_bw,
         if "torch" in med:
             row.update({f"torch_{mode}_s": med["torch"][mode], f"vs_torch_{mode}": m[mode] / med["torch"][mode],
                         f"torch_dense_{mode}_s": med["torch_dense"][mode]})
+        if "layer:cupy" in med and "layer_dense" in med:
+            lay, lay_dense = med["layer:cupy"][mode], med["layer_dense"][mode]
+            row.update({f"layer_{mode}_s": lay, f"layer_dense_{mode}_s": lay_dense,
+                        f"layer_ratio_{mode}": lay / lay_dense, f"layer_overhead_{mode}": lay / m[mode]})
+    if errors:
+        row["errors"] = errors
+        _log(f"  {shape}: could not time {', '.join(f'{k} ({v})' for k, v in errors.items())}")
     row["stage_s"] = {s: m[s] for s in STAGES_FWD + STAGES_BWD}
     row["rel_err_vs_numpy"] = rel_err(got, ref_out)
     if "torch" in outputs:
@@ -838,7 +894,7 @@ def gpu_targets_summary(rows):
     return "targets [cupy, GPU]: " + "; ".join(parts)
 
 
-def bench_gpu(be, shapes, *, repeat, warmup, activation, torch_on, on_row=None):
+def bench_gpu(be, shapes, *, repeat, warmup, activation, torch_on, on_row=None, layer=False):
     """Every GPU shape; returns the rows. on_row(rows so far) after each shape (to save partial results)."""
     from tinymoe.backends.cupy import _gemm
 
@@ -856,7 +912,7 @@ def bench_gpu(be, shapes, *, repeat, warmup, activation, torch_on, on_row=None):
     for shape in shapes:
         t0 = time.perf_counter()
         rows.append(bench_gpu_shape(shape, be, repeat=repeat, warmup=warmup, activation=activation,
-                                    torch_on=torch_on, copy_bw=copy_bw, machine=machine))
+                                    torch_on=torch_on, copy_bw=copy_bw, machine=machine, layer=layer))
         _log(f"  GPU shape T,d,f,E,k={shape}: {time.perf_counter() - t0:.1f} s")
         if on_row is not None:
             on_row(rows)
@@ -954,7 +1010,7 @@ def main(argv=None) -> int:
 
         gpu_rows = bench_gpu(gpu, GPU_QUICK_SHAPES if args.shapes == "quick" else GPU_SHAPES, repeat=repeat,
                              warmup=max(args.warmup, 2), activation=args.activation, torch_on=torch_on,
-                             on_row=save_partial)
+                             on_row=save_partial, layer=args.layer)
         report += (("\n\n" if report else "") + "GPU (cupy backend):\n" + format_table(gpu_rows, {}) + "\n"
                    + gpu_targets_summary(gpu_rows))
         rows += gpu_rows

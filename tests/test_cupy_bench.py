@@ -71,3 +71,17 @@ def test_gpu_summary_applies_the_issue_bars():
     assert "f+b E≤16 1.20 (ok" in ok and "f+b E=64 1.45 (ok" in ok and "MISS" not in ok
     miss = bench.gpu_targets_summary([row(8, 2048, 1.3), row(64, 256, 1.6)])
     assert "f+b E≤16 1.30 (MISS" in miss and "f+b E=64 1.60 (MISS" in miss
+
+
+def test_a_layer_that_cannot_run_is_reported_not_fatal(stand_in, monkeypatch):
+    """--layer needs tm.nn.MoE on the device; when that fails the row says why and the rest is still measured."""
+    def refuse(self, device):
+        raise RuntimeError("no device here")
+
+    from tinymoe.nn.module import Module
+
+    monkeypatch.setattr(Module, "to", refuse)
+    rows = bench.bench_gpu(stand_in, [bench.Shape(32, 8, 16, 4, 2)], repeat=1, warmup=0, activation="relu",
+                           torch_on=False, layer=True)
+    assert "no device here" in rows[0]["errors"]["layer"] and "layer_ratio_fwd" not in rows[0]
+    assert rows[0]["ratio_fwdbwd"] > 0
