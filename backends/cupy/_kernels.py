@@ -66,7 +66,8 @@ __device__ __forceinline__ F act_derivative(F v, int act) {
 
 // every thread visits i = its id, id + all threads, ... below n
 #define GRID_STRIDE(i, n) \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)blockDim.x * gridDim.x)
 
 // The expert whose rows hold row r: the largest e with offsets[e] <= r (so empty experts are skipped), or -1 when r
 // lies outside offsets[0]:offsets[E]. offsets (E + 1,) is tiny and read by every thread: it stays in cache.
@@ -91,7 +92,8 @@ __global__ void gather_rows(const F* __restrict__ x, const long long* __restrict
     }
 }
 
-// Adjoint of gather, as a gather over the inverse map: dx[t, :] = Σ_j dxs[inverse[t·k + j], :] over kept j, in j order.
+// Adjoint of gather, as a gather over the inverse map: dx[t, :] = Σ_j dxs[inverse[t·k + j], :] over kept j, in
+// j order.
 template <typename F>
 __global__ void gather_rows_backward(const F* __restrict__ dxs, const long long* __restrict__ inverse, long long k,
                                      long long T, long long d, F* __restrict__ dx) {
