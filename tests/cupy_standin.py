@@ -35,7 +35,7 @@ SHIM = r"""
 #include <memory>
 #include <thread>
 #include <vector>
-using std::exp; using std::tanh; using std::fabs;
+using std::exp; using std::tanh; using std::fabs; using std::sqrt;
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 static thread_local Dim3 threadIdx, blockIdx;
 static thread_local unsigned linear_id;
@@ -118,7 +118,10 @@ extern "C" void bias_act_##S(DIMS, const F* in, const F* bias, const LL* offsets
 extern "C" void act_grad_mul_##S(DIMS, F* gr, const F* h, LL n, int act) \
     { launch_serial(gx, gy, bx, by, act_grad_mul<F>, gr, h, n, act); } \
 extern "C" void segment_column_sums_##S(DIMS, const F* x, const LL* offsets, LL n, F* out) \
-    { launch(gx, gy, bx, by, segment_column_sums<F>, x, offsets, n, out); }
+    { launch(gx, gy, bx, by, segment_column_sums<F>, x, offsets, n, out); } \
+extern "C" void adam_step_##S(DIMS, F* p, const F* g, F* m, F* v, LL n, double b1, double b2, double eps, double step, \
+                              double inv_root_bc2, double decay) \
+    { launch_serial(gx, gy, bx, by, adam_step<F>, p, g, m, v, n, b1, b2, eps, step, inv_root_bc2, decay); }
 WRAPPERS(float, f32)
 WRAPPERS(double, f64)
 """
@@ -142,8 +145,8 @@ SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 
 def c_args(args):
-    """ctypes arguments: arrays by address, None or np.uint64 as a pointer, np.int32 as int, other numbers as long
-    long (the types the backend passes to its kernels)."""
+    """ctypes arguments: arrays by address, None or np.uint64 as a pointer, np.int32 as int, floats as double, other
+    numbers as long long (the types the backend passes to its kernels)."""
     converted = []
     for a in args:
         if a is None:
@@ -155,6 +158,8 @@ def c_args(args):
             converted.append(ctypes.c_void_p(int(a)))
         elif isinstance(a, np.int32):
             converted.append(ctypes.c_int(int(a)))
+        elif isinstance(a, (float, np.floating)):
+            converted.append(ctypes.c_double(float(a)))
         else:
             converted.append(ctypes.c_longlong(int(a)))
     return converted

@@ -40,3 +40,26 @@ def test_expert_ffn_equal_and_uneven_experts(lib, counts):
 def test_two_runs_are_bitwise_equal(lib, routing, dtype, seed):
     with standin(lib):
         check_bitwise(routing, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_adam_step_matches_the_formula(lib, dtype):
+    """The adam_step kernel: m, v and p as tinymoe.optim.Adam's formula computes them in float64; host arrays are
+    refused (False, untouched) so the optimizer falls back to its own form."""
+    from tinymoe.backends import cupy as cupy_backend
+
+    rng = np.random.default_rng(0)
+    p, g, m = (rng.standard_normal(1000).astype(dtype) for _ in range(3))
+    v = rng.random(1000).astype(dtype)
+    b1, b2, eps, step, inv, decay = 0.9, 0.999, 1e-8, 1e-3 / (1 - 0.9**3), 1 / np.sqrt(1 - 0.999**3), 1 - 1e-3 * 0.01
+    mm = b1 * m.astype(np.float64) + (1 - b1) * g
+    vv = b2 * v.astype(np.float64) + (1 - b2) * g.astype(np.float64) ** 2
+    want_p = decay * p.astype(np.float64) - step * mm / (np.sqrt(vv) * inv + eps)
+    with standin(lib) as fake:
+        assert cupy_backend.adam_step(p, g, m, v, b1, b2, eps, step, inv, decay) is False  # host arrays
+        dp, dg, dm, dv = (fake.asarray(a) for a in (p, g, m, v))
+        assert cupy_backend.adam_step(dp, dg, dm, dv, b1, b2, eps, step, inv, decay) is True
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(dm, mm, rtol=tol)
+    np.testing.assert_allclose(dv, vv, rtol=tol)
+    np.testing.assert_allclose(dp, want_p, rtol=tol, atol=tol)

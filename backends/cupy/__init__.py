@@ -291,9 +291,6 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
-_adam = None
-
-
 def adam_step(p, g, m, v, b1, b2, eps, step_size, inv_root_bc2, decay) -> bool:
     """One fused in-place Adam(W) step on CuPy arrays of one shape and float dtype (one kernel per parameter):
 
@@ -301,24 +298,13 @@ def adam_step(p, g, m, v, b1, b2, eps, step_size, inv_root_bc2, decay) -> bool:
 
     (the same update and arguments as the numba backend's adam_step). Returns False, touching nothing, for arrays
     it does not take (host arrays, mixed dtypes or shapes); the caller then runs the array-module form."""
-    global _adam
     arrays = (p, g, m, v)
     if cp is None or not all(isinstance(a, cp.ndarray) and a.flags.c_contiguous and a.dtype == p.dtype
                              and a.shape == p.shape for a in arrays) or p.dtype not in (np.float32, np.float64):
         return False
-    if _adam is None:
-        _adam = cp.ElementwiseKernel(
-            "T g, float64 b1, float64 b2, float64 eps, float64 step, float64 inv_root_bc2, float64 decay",
-            "T p, T m, T v",
-            """
-            double gi = g;  // in double, rounded once to T (as the numba kernel does)
-            double mi = b1 * (double)m + (1.0 - b1) * gi;
-            double vi = b2 * (double)v + (1.0 - b2) * gi * gi;
-            m = (T)mi;
-            v = (T)vi;
-            p = (T)(decay * (double)p - step * mi / (sqrt(vi) * inv_root_bc2 + eps));
-            """, "tinymoe_adam_step")
-    _adam(g, float(b1), float(b2), float(eps), float(step_size), float(inv_root_bc2), float(decay), p, m, v)
+    f64 = np.float64
+    _launch("adam_step", p.dtype, p.size, (p, g, m, v, _i64(p.size), f64(b1), f64(b2), f64(eps), f64(step_size),
+                                           f64(inv_root_bc2), f64(decay)))
     return True
 
 
@@ -340,4 +326,5 @@ def warmup():
         out, h = expert_ffn(xs, offsets, w1, b1, w2, b2)
         expert_ffn_backward(out, xs, h, offsets, w1, w2)
         combine_backward(combine(out, weights, inverse), out, weights, inverse)
+        adam_step(*(cp.zeros(4, dtype) for _ in range(4)), 0.9, 0.999, 1e-8, 1e-3, 1.0, 1.0)
     cp.cuda.get_current_stream().synchronize()

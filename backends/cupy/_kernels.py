@@ -19,7 +19,7 @@ import math
 
 # name expressions NVRTC instantiates: every kernel for float and double
 KERNELS = ("gather_rows", "gather_rows_backward", "combine_rows", "combine_backward_rows", "combine_backward_weights",
-           "bias_act", "act_grad_mul", "segment_column_sums")
+           "bias_act", "act_grad_mul", "segment_column_sums", "adam_step")
 FLOAT_TYPES = {"float32": "float", "float64": "double"}
 ACT_CODES = {"relu": 0, "gelu": 1, "silu": 2}  # the names tinymoe.activations.ACTIVATIONS accepts
 IDENTITY = 3  # bias_act with no activation (the second layer's bias)
@@ -202,6 +202,24 @@ __global__ void segment_column_sums(const F* __restrict__ x, const long long* __
         double s = 0.0;
         for (int q = 0; q < 8; ++q) s += part[q][threadIdx.x];
         out[e * n + c] = (F)s;
+    }
+}
+
+// ---- optimizer ------------------------------------------------------------------------------------------------
+// One fused Adam(W) step over a parameter (Kingma & Ba 2015, Algorithm 1; AdamW's decoupled decay, Loshchilov &
+// Hutter 2019): m <- b1·m + (1 - b1)·g, v <- b2·v + (1 - b2)·g², p <- decay·p - step·m / (sqrt(v)·inv_root_bc2 + eps),
+// each element loaded once, computed in double and rounded once (as the numba backend's kernel does).
+template <typename F>
+__global__ void adam_step(F* __restrict__ p, const F* __restrict__ g, F* __restrict__ m, F* __restrict__ v,
+                          long long n, double b1, double b2, double eps, double step, double inv_root_bc2,
+                          double decay) {
+    GRID_STRIDE(i, n) {
+        double gi = (double)g[i];
+        double mi = b1 * (double)m[i] + (1.0 - b1) * gi;
+        double vi = b2 * (double)v[i] + (1.0 - b2) * gi * gi;
+        m[i] = (F)mi;
+        v[i] = (F)vi;
+        p[i] = (F)(decay * (double)p[i] - step * mi / (sqrt(vi) * inv_root_bc2 + eps));
     }
 }
 """
