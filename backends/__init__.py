@@ -11,9 +11,10 @@ numba and cupy are imported only when that backend is asked for (or, for cupy, w
 GPU). TINYMOE_BACKEND picks the default.
 
 Where the arrays live decides the device, the current backend the implementation on it (`for_arrays`): an MoE op
-on CuPy arrays runs on the cupy backend, one on NumPy arrays on the current backend when that is a host backend
-(numpy, numba), else on the best host backend. So `tm.set_backend("cupy")` with a model left on the host still
-trains (on the host), and a model moved with `model.to("cupy")` runs its MoE ops on the GPU.
+on CuPy arrays runs on the cupy backend (or on the NumPy reference, which runs on any array module, when that is
+the current backend), one on NumPy arrays on the current backend when that is a host backend (numpy, numba), else
+on the best host backend. So `tm.set_backend("cupy")` with a model left on the host still trains (on the host),
+and a model moved with `model.to("cuda")` runs its MoE ops on the GPU.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import contextlib
 import importlib
 import importlib.util
 import os
+
+import numpy as np
 
 PRIMITIVES = ("capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
               "combine_backward")
@@ -116,24 +119,32 @@ def _host_auto() -> str:
     return "numba" if _why_unavailable("numba") is None else "numpy"
 
 
-def _on_device(a) -> bool:
-    return type(a).__module__.startswith("cupy")
+def _where(a) -> str:
+    """"host" (NumPy), "cupy" (an NVIDIA GPU), or "other" (another NumPy-like module, e.g. tinymoe.guarded)."""
+    if isinstance(a, (np.ndarray, np.generic)):
+        return "host"
+    return "cupy" if type(a).__module__.startswith("cupy") else "other"
 
 
 def for_arrays(*arrays):
-    """The backend module for an MoE op on these arrays (None entries ignored): where they live picks the device.
+    """The backend module for an MoE op on these arrays (None entries ignored): where they live picks the device,
+    the current backend the implementation when it runs there.
 
-    CuPy arrays -> the cupy backend; NumPy arrays -> the current backend when it is a host one (numpy, numba),
-    else (current cupy) the best host backend. Host and device arrays mixed in one op are an error naming both."""
+    NumPy arrays -> the current backend when it is a host one (numpy, numba), else the best host backend. CuPy
+    arrays -> the cupy backend, or the NumPy reference when that is the current backend (it takes its array module
+    from the data, so it runs on the GPU too: the slow, readable twin). Other NumPy-like arrays -> the reference.
+    Host and device arrays mixed in one op are a ValueError naming both."""
     given = [a for a in arrays if a is not None]
-    device = [_on_device(a) for a in given]
-    if any(device) and not all(device):
+    where = {_where(a) for a in given}
+    if len(where) > 1:
         kinds = ", ".join(f"{type(a).__module__.split('.')[0]}.{type(a).__name__}" for a in given)
-        raise ValueError(f"an MoE op got arrays on the host (numpy, CPU) and on the device (cupy, GPU) together "
-                         f"({kinds}); move them to one device first (model.to('cupy') or model.to('cpu'))")
-    if any(device):
-        return load("cupy")
+        raise ValueError(f"an MoE op got arrays on different devices ({kinds}); move them to one device first "
+                         f"(model.to('cuda') or model.to('cpu'))")
     name = get_backend()
+    if where == {"cupy"}:
+        return load("numpy" if name == "numpy" else "cupy")
+    if where == {"other"}:
+        return load("numpy")
     return load(name if name in HOST else _host_auto())
 
 

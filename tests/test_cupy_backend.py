@@ -210,18 +210,24 @@ class _DeviceArray:
 _DeviceArray.__module__ = "cupy._core.core"
 
 
+class _OtherArray:
+    """An array of another NumPy-like module (as tinymoe.guarded's)."""
+
+
 def test_auto_picks_the_gpu_and_arrays_pick_the_device(fresh_registry, monkeypatch):
     monkeypatch.setattr(tm.backends, "_probe_cupy", lambda: None)  # a usable GPU
     assert "cupy" in tm.backends.available() and tm.backends.auto() == "cupy"
     host = np.zeros((2, 2))
-    for current in ("cupy", "numpy"):
+    for current in ("cupy", "numba"):  # device arrays: the cupy backend
         monkeypatch.setattr(tm.backends, "_current", current)
         assert tm.backends.for_arrays(_DeviceArray(), None) is cupy_backend
     monkeypatch.setattr(tm.backends, "_current", "cupy")  # host arrays with the GPU backend chosen: the host twin
     assert tm.backends.for_arrays(host, None).__name__ in ("tinymoe.dispatch", "tinymoe.backends.numba")
-    monkeypatch.setattr(tm.backends, "_current", "numpy")
-    assert tm.backends.for_arrays(host, None) is D
-    with pytest.raises(ValueError, match=r"host.*device.*numpy\.ndarray.*cupy\._DeviceArray"):
+    monkeypatch.setattr(tm.backends, "_current", "numpy")  # the reference was asked for: it runs on any device
+    assert tm.backends.for_arrays(host, None) is D and tm.backends.for_arrays(_DeviceArray()) is D
+    monkeypatch.setattr(tm.backends, "_current", "cupy")
+    assert tm.backends.for_arrays(_OtherArray()) is D  # another NumPy-like module: the reference
+    with pytest.raises(ValueError, match=r"different devices.*numpy\.ndarray.*cupy\._DeviceArray"):
         tm.backends.for_arrays(host, _DeviceArray())
 
 
