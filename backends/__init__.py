@@ -7,7 +7,14 @@
 "numpy" is the readable reference (`tinymoe.dispatch`) and always there. Every other backend is a module with
 the same functions and signatures (see `PRIMITIVES`); gradients are composed once above them, in
 `tinymoe.moe_ops`. A backend that cannot load is reported with the reason, never a failed `import tinymoe`:
-numba and cupy are imported only when that backend is asked for. TINYMOE_BACKEND picks the default.
+numba and cupy are imported only when that backend is asked for (or, for cupy, when `available()` checks for a
+GPU). TINYMOE_BACKEND picks the default.
+
+Where the arrays live decides the device, the current backend the implementation on it (`for_arrays`): an MoE op
+on CuPy arrays runs on the cupy backend (or on the NumPy reference, which runs on any array module, when that is
+the current backend), one on NumPy arrays on the current backend when that is a host backend (numpy, numba), else
+on the best host backend. So `tm.set_backend("cupy")` with a model left on the host still trains (on the host),
+and a model moved with `model.to("cuda")` runs its MoE ops on the GPU.
 """
 from __future__ import annotations
 
@@ -16,14 +23,20 @@ import importlib
 import importlib.util
 import os
 
+import numpy as np
+
 PRIMITIVES = ("capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
               "combine_backward")
 
 NAMES = ("numpy", "numba", "cupy")  # every backend tinymoe knows (the one list of names), the reference first
-_MODULES = {"numpy": "tinymoe.dispatch", "numba": "tinymoe.backends.numba"}  # the ones implemented in this version
-_INSTALL = {"numba": "pip install 'tinymoe[numba]' (numba and scipy)"}
+_MODULES = {"numpy": "tinymoe.dispatch", "numba": "tinymoe.backends.numba", "cupy": "tinymoe.backends.cupy"}
+HOST = ("numpy", "numba")  # the backends that take NumPy arrays
+_INSTALL = {"numba": "pip install 'tinymoe[numba]' (numba and scipy)",
+            "cupy": "pip install 'tinymoe[cuda12]' (CUDA 12 driver) or 'tinymoe[cuda13]' (CUDA 13) on a machine with "
+                    "an NVIDIA GPU"}
 _loaded: dict = {}
 _current: str | None = None
+_cupy_why: list = []  # the cached result of _probe_cupy (probing imports CuPy and asks the driver: once)
 
 
 class BackendUnavailable(RuntimeError):
@@ -37,10 +50,34 @@ def _why_unavailable(name):
         if missing:
             return f"{' and '.join(missing)} not installed; install with: {_INSTALL['numba']}"
     if name == "cupy":
-        return ("the CuPy GPU backend is not part of this version yet; use 'numba' on the CPU "
-                "(once it lands: pip install 'tinymoe[cuda12]' or 'tinymoe[cuda13]' on a machine with an NVIDIA GPU)")
+        if not _cupy_why:
+            _cupy_why.append(_probe_cupy())
+        return _cupy_why[0]
     if name not in NAMES:
         return f"unknown backend {name!r}; known backends are {list(NAMES)}"
+    return None
+
+
+def _probe_cupy():
+    """None when CuPy, a GPU and cuBLAS are usable here, else why not (with the install command)."""
+    if importlib.util.find_spec("cupy") is None:
+        return f"CuPy not installed; install with: {_INSTALL['cupy']}"
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no driver, a driver older than the CUDA runtime, no device node
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return (f"CuPy is installed but cannot reach an NVIDIA GPU here ({first}); the cupy backend needs an NVIDIA "
+                f"GPU and its driver ({_INSTALL['cupy']}); on this machine use 'numba' or 'numpy'")
+    if count == 0:
+        return (f"CuPy is installed but this machine has no NVIDIA GPU; the cupy backend needs one "
+                f"({_INSTALL['cupy']}); here use 'numba' or 'numpy'")
+    try:
+        from cupy_backends.cuda.libs import cublas  # noqa: F401  (the expert GEMMs call cuBLAS directly)
+    except Exception as e:
+        return (f"CuPy sees a GPU but cannot load cuBLAS ({str(e).splitlines()[0] if str(e) else e!r}); install the "
+                f"CUDA libraries as wheels with {_INSTALL['cupy']}, or the CUDA toolkit")
     return None
 
 
@@ -65,14 +102,50 @@ def load(name):
 
 
 def auto() -> str:
-    """The backend `auto` means: numba when it can run here, else the NumPy reference.
+    """The backend `auto` means: cupy when a GPU is usable here, else numba when it can run, else the NumPy reference.
 
     The numba backend decides per call how many threads a kernel gets (one for small work, where waking a second
     worker costs more than it saves), so that it is at least as fast as the reference at every size measured: a
     whole MoE layer step at d=16, 4 experts, 32 rows per expert 0.53 ms against 0.68 on numpy, and 12x faster at
     512 rows per expert; whole transformer training steps in benchmarks/train_step.py. Without that rule,
     numba lost 3-4x at the small sizes, which is why `auto` looks no further than availability."""
-    return "numba" if "numba" in available() else "numpy"
+    if _why_unavailable("cupy") is None:
+        return "cupy"
+    return _host_auto()
+
+
+def _host_auto() -> str:
+    """The best backend for NumPy arrays here: numba when it can run, else the NumPy reference."""
+    return "numba" if _why_unavailable("numba") is None else "numpy"
+
+
+def _where(a) -> str:
+    """"host" (NumPy), "cupy" (an NVIDIA GPU), or "other" (another NumPy-like module, e.g. tinymoe.guarded)."""
+    if isinstance(a, (np.ndarray, np.generic)):
+        return "host"
+    return "cupy" if type(a).__module__.startswith("cupy") else "other"
+
+
+def for_arrays(*arrays):
+    """The backend module for an MoE op on these arrays (None entries ignored): where they live picks the device,
+    the current backend the implementation when it runs there.
+
+    NumPy arrays -> the current backend when it is a host one (numpy, numba), else the best host backend. CuPy
+    arrays -> the cupy backend, or the NumPy reference when that is the current backend (it takes its array module
+    from the data, so it runs on the GPU too: the slow, readable twin). Other NumPy-like arrays -> the reference.
+    Host and device arrays mixed in one op are a ValueError naming both."""
+    given = [a for a in arrays if a is not None]
+    where = {_where(a) for a in given}
+    if len(where) > 1:
+        kinds = ", ".join(f"{type(a).__module__.split('.')[0]}.{type(a).__name__}" for a in given)
+        raise ValueError(f"an MoE op got arrays on different devices ({kinds}); move them to one device first "
+                         f"(model.to('cuda') or model.to('cpu'))")
+    name = get_backend()
+    if where == {"cupy"}:
+        return load("numpy" if name == "numpy" else "cupy")
+    if where == {"other"}:
+        return load("numpy")
+    return load(name if name in HOST else _host_auto())
 
 
 def set_backend(name):

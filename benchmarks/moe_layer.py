@@ -266,19 +266,20 @@ def run_dense(p, activation):
 
 
 class TorchMoE:
-    """An idiomatic PyTorch CPU MoE layer (as in HF Mixtral): experts as separate parameters; per expert, select its
-    tokens, index_select, FFN, index_add_ the weighted output; backward by autograd. Also the same FFN dense on T·k rows (`run_dense`)."""
+    """An idiomatic PyTorch MoE layer (as in HF Mixtral): experts as separate parameters; per expert, select its
+    tokens, index_select, FFN, index_add_ the weighted output; backward by autograd. Also the same FFN dense on T·k
+    rows (`run_dense`). device "cuda": the same on the GPU (eager CUDA, clocks read after a synchronize)."""
 
-    def __init__(self, p, num_experts, activation, threads):
+    def __init__(self, p, num_experts, activation, threads, device="cpu"):
         import torch
         import torch.nn.functional as F
 
         torch.set_num_threads(threads)
-        self.torch, self.E = torch, num_experts
+        self.torch, self.E, self.device = torch, num_experts, device
         self.act = {"gelu": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "silu": F.silu}[activation]
 
         def t(a, grad=True):
-            return torch.from_numpy(np.ascontiguousarray(a)).requires_grad_(grad)
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device).requires_grad_(grad)
 
         self.x, self.weights, self.dy = t(p["x"]), t(p["weights"]), t(p["dy"], False)
         # one leaf tensor per expert weight, like nn.ModuleList([Expert() ...]): indexing a stacked (E, d, f)
@@ -292,11 +293,16 @@ class TorchMoE:
         for tensor in tensors:
             tensor.grad = None
 
+    def _clock(self):
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
     def run(self):
         torch = self.torch
         self._zero(self.x, self.weights, *(w for expert in self.experts for w in expert))
         T, k = self.expert_idx.shape
-        t0 = time.perf_counter()
+        t0 = self._clock()
         flat_e = self.expert_idx.reshape(-1)  # (T·k,)
         flat_w = self.weights.reshape(-1)
         y = torch.zeros_like(self.x)
@@ -309,19 +315,19 @@ class TorchMoE:
             h = torch.addmm(b1, self.x.index_select(0, tok), w1)
             out = torch.addmm(b2, self.act(h), w2)
             y.index_add_(0, tok, out * flat_w.index_select(0, sel)[:, None])
-        t1 = time.perf_counter()
+        t1 = self._clock()
         y.backward(self.dy)
-        t2 = time.perf_counter()
-        return {"fwd": t1 - t0, "bwd": t2 - t1}, dict(y=y.detach().numpy(), dx=self.x.grad.numpy())
+        t2 = self._clock()
+        return {"fwd": t1 - t0, "bwd": t2 - t1}, dict(y=y.detach().cpu().numpy(), dx=self.x.grad.cpu().numpy())
 
     def run_dense(self):
         torch = self.torch
         self._zero(self.xd, self.W1, self.B1, self.W2, self.B2)
-        t0 = time.perf_counter()
+        t0 = self._clock()
         out = torch.addmm(self.B2, self.act(torch.addmm(self.B1, self.xd, self.W1)), self.W2)
-        t1 = time.perf_counter()
+        t1 = self._clock()
         out.backward(self.dyd)
-        t2 = time.perf_counter()
+        t2 = self._clock()
         return {"fwd": t1 - t0, "bwd": t2 - t1}, None
 
 
@@ -627,6 +633,292 @@ def targets_summary(rows):
     return "\n".join(lines)
 
 
+# ---- the GPU (cupy backend) ---------------------------------------------------------------------------------------
+# The GPU bars (issue 12; float32, TF32 as CUPY_TF32 says): forward+backward MoE / dense-equivalent ≤ 1.25 at
+# ≥ 256 rows per expert with d ≥ 1024 and E ≤ 16, ≤ 1.5 at E = 64; faster than eager PyTorch CUDA; t_bound reported
+# at 64 rows per expert. The dense equivalent is the cupy backend's own expert FFN with ONE expert on the T·k rows:
+# the same cuBLAS calls, compute type and fused bias/activation kernels, one weight matrix.
+GPU_SHAPES = [Shape(2048, 1024, 4096, 16, 2), Shape(8192, 1024, 4096, 64, 2), Shape(2048, 1024, 4096, 64, 2),
+              Shape(8192, 1024, 4096, 8, 2)]  # 256, 256, 64 and 2048 rows per expert: the bars' shapes first, so a
+# run cut short by a time limit (gpu_check.sh) still has them (rows are saved shape by shape)
+GPU_QUICK_SHAPES = [Shape(1024, 256, 512, 8, 2), Shape(512, 256, 512, 64, 2)]  # smoke test
+GPU_TARGETS = {"ratio_fwdbwd": 1.25, "ratio_fwdbwd_e64": 1.5, "dispatch": 0.10, "rel_err": 1e-4,
+               "rel_err_tf32": 1e-2}
+
+
+def gpu_copy_bandwidth(nbytes=1 << 30, repeat=5):
+    """Bytes/s of a large device-to-device copy (read + written bytes), timed with CUDA events."""
+    import cupy
+
+    src = cupy.ones(nbytes // 4, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    dst[...] = src
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeat):
+        start.record()
+        dst[...] = src
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return 2 * src.nbytes / statistics.median(times)
+
+
+class _Events:
+    """CUDA events recorded on the current stream between stages; seconds between them after one synchronize."""
+
+    def __init__(self):
+        import cupy
+
+        self.cupy, self.events = cupy, []
+
+    def mark(self):
+        event = self.cupy.cuda.Event()
+        event.record()
+        self.events.append(event)
+
+    def seconds(self):
+        self.events[-1].synchronize()
+        get = self.cupy.cuda.get_elapsed_time
+        return [get(a, b) / 1e3 for a, b in zip(self.events, self.events[1:])]
+
+
+def run_moe_gpu(be, p, num_experts, activation):
+    """run_moe on device arrays, each stage timed by CUDA events (host time that leaves the GPU idle counts too)."""
+    k, T = p["expert_idx"].shape[1], p["expert_idx"].shape[0]
+    ev = _Events()
+    ev.mark()
+    order, offsets, inverse = be.route(p["expert_idx"], num_experts, None)
+    ev.mark()
+    xs = be.gather(p["x"], order, k)
+    ev.mark()
+    out, h = be.expert_ffn(xs, offsets, p["w1"], p["b1"], p["w2"], p["b2"], activation)
+    ev.mark()
+    y = be.combine(out, p["weights"], inverse)
+    ev.mark()
+    dout, dweights = be.combine_backward(p["dy"], out, p["weights"], inverse)
+    ev.mark()
+    dxs, dw1, _, dw2, _ = be.expert_ffn_backward(dout, xs, h, offsets, p["w1"], p["w2"], activation)
+    ev.mark()
+    dx = be.gather_backward(dxs, inverse, k, T)
+    ev.mark()
+    times = dict(zip(STAGES_FWD + STAGES_BWD, ev.seconds()))
+    times["fwd"] = sum(times[s] for s in STAGES_FWD)
+    times["bwd"] = sum(times[s] for s in STAGES_BWD)
+    return times, dict(y=y, dx=dx, dweights=dweights, dw1=dw1, dw2=dw2)
+
+
+def run_dense_gpu(be, p, activation):
+    """The dense-equivalent FFN on the T·k rows: the cupy backend's expert FFN with one expert (one weight matrix)."""
+    rows = p["xd"].shape[0]
+    offsets = np.array([0, rows], dtype=np.int64)
+    ev = _Events()
+    ev.mark()
+    out, h = be.expert_ffn(p["xd"], offsets, p["W1"][None], p["B1"][None], p["W2"][None], p["B2"][None], activation)
+    ev.mark()
+    be.expert_ffn_backward(p["dyd"], p["xd"], h, offsets, p["W1"][None], p["W2"][None], activation)
+    ev.mark()
+    fwd, bwd = ev.seconds()
+    return {"fwd": fwd, "bwd": bwd}, None
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+class GpuLayer:
+    """The whole framework on the GPU (`--layer`): tm.nn.MoE moved with .to("cupy") (gate, aux losses, autodiff)
+    against tm.nn.FeedForward on the T·k rows, also on the GPU; CUDA-event clocks."""
+
+    def __init__(self, shape: Shape, p, activation):
+        import cupy
+
+        from tinymoe import nn
+        from tinymoe.engine import Tensor
+
+        self.Tensor = Tensor
+        self.moe = nn.MoE(shape.d, shape.f, shape.E, gate="top_k", k=shape.k, activation=activation, seed=0).to("cupy")
+        self.ffn = nn.FeedForward(shape.d, shape.f, activation, seed=0).to("cupy")
+        self.x, self.dy, self.xd, self.dyd = (cupy.asarray(p[key]) for key in ("x", "dy", "xd", "dyd"))
+
+    def _time(self, module, x, dy):
+        module.zero_grad()
+        x = self.Tensor(x, requires_grad=True)
+        ev = _Events()
+        ev.mark()
+        y = module(x)
+        ev.mark()
+        y.backward(dy)
+        ev.mark()
+        fwd, bwd = ev.seconds()
+        return {"fwd": fwd, "bwd": bwd}, None
+
+    def run_moe(self):
+        with backends.use_backend("cupy"):
+            return self._time(self.moe, self.x, self.dy)
+
+    def run_dense(self):
+        with backends.use_backend("cupy"):
+            return self._time(self.ffn, self.xd, self.dyd)
+
+
+def bench_gpu_shape(shape, be, *, repeat, warmup, activation, torch_on, copy_bw, machine, layer=False):
+    """The cupy backend, the dense equivalent and (when torch has CUDA) eager PyTorch CUDA on one shape: one row."""
+    import cupy
+
+    from tinymoe import dispatch
+
+    p = make_problem(shape)
+    dev = {key: cupy.asarray(value) for key, value in p.items()}
+    contenders = {"dense": lambda: run_dense_gpu(be, dev, activation),
+                  "cupy": lambda: run_moe_gpu(be, dev, shape.E, activation)}
+    torch_moe = TorchMoE(p, shape.E, activation, 1, device="cuda") if torch_on else None
+    if torch_moe is not None:
+        contenders["torch"], contenders["torch_dense"] = torch_moe.run, torch_moe.run_dense
+    errors = {}  # contender -> why it could not run (the whole layer needs the engine on the device)
+    if layer:
+        try:
+            gpu_layer = GpuLayer(shape, p, activation)
+            contenders["layer_dense"], contenders["layer:cupy"] = gpu_layer.run_dense, gpu_layer.run_moe
+        except Exception as e:
+            errors["layer"] = f"{type(e).__name__}: {e}"
+    runs, outputs = {}, {}
+    for key, fn in contenders.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            runs[key] = []
+            for _ in range(repeat):
+                times, outputs[key] = _timed(fn)
+                runs[key].append(times)
+        except Exception as e:
+            if not key.startswith("layer"):
+                raise
+            errors[key] = f"{type(e).__name__}: {e}"
+            runs.pop(key, None)
+    med = {key: _median_times(r) for key, r in runs.items() if r}
+    _, ref_out = run_moe(dispatch, p, shape.E, activation)  # the NumPy reference once, untimed, for the error
+    got = {key: _host(value) for key, value in outputs["cupy"].items()}
+
+    itemsize = np.dtype(DTYPE).itemsize
+    m, dense = med["cupy"], med["dense"]
+    from tinymoe.backends.cupy import _gemm
+
+    row = dict(backend="cupy", device="gpu", shape=str(shape), T=shape.T, d=shape.d, f=shape.f, E=shape.E, k=shape.k,
+               rows_per_expert=shape.rows_per_expert, dtype=np.dtype(DTYPE).name, tf32=_gemm.tf32(),
+               activation=activation, repeat=repeat, warmup=warmup, copy_bandwidth=copy_bw)
+    for mode, bwd in (("fwd", False), ("fwdbwd", True)):
+        flops = dense_flops(shape.T, shape.k, shape.d, shape.f, backward=bwd)
+        p_dense = flops / dense[mode]
+        wbytes = expert_weight_bytes(shape.d, shape.f, itemsize) * (3 if bwd else 1)
+        abytes = activation_bytes(shape.T, shape.k, shape.d, shape.f, itemsize, backward=bwd)
+        tb = t_bound(flops, p_dense, shape.E, wbytes, abytes, copy_bw)
+        stages = DISPATCH_STAGES if bwd else DISPATCH_STAGES[:3]
+        dispatch_s = sum(m[s] for s in stages)
+        row.update({
+            f"moe_{mode}_s": m[mode], f"dense_{mode}_s": dense[mode], f"ratio_{mode}": m[mode] / dense[mode],
+            f"flops_{mode}": flops, f"p_dense_{mode}": p_dense, f"t_bound_{mode}_s": tb,
+            f"bound_ratio_{mode}": tb / dense[mode], f"tbound_ratio_{mode}": m[mode] / tb,
+            f"dispatch_{mode}_s": dispatch_s, f"dispatch_share_{mode}": dispatch_s / m[mode],
+        })
+        if "torch" in med:
+            row.update({f"torch_{mode}_s": med["torch"][mode], f"vs_torch_{mode}": m[mode] / med["torch"][mode],
+                        f"torch_dense_{mode}_s": med["torch_dense"][mode]})
+        if "layer:cupy" in med and "layer_dense" in med:
+            lay, lay_dense = med["layer:cupy"][mode], med["layer_dense"][mode]
+            row.update({f"layer_{mode}_s": lay, f"layer_dense_{mode}_s": lay_dense,
+                        f"layer_ratio_{mode}": lay / lay_dense, f"layer_overhead_{mode}": lay / m[mode]})
+    if errors:
+        row["errors"] = errors
+        _log(f"  {shape}: could not time {', '.join(f'{k} ({v})' for k, v in errors.items())}")
+    row["stage_s"] = {s: m[s] for s in STAGES_FWD + STAGES_BWD}
+    row["rel_err_vs_numpy"] = rel_err(got, ref_out)
+    if "torch" in outputs:
+        row["torch_rel_err_vs_numpy"] = rel_err(outputs["torch"], ref_out)
+    row["times_s"] = {key: [dict(r) for r in runs[key]] for key in runs}
+    row["machine"] = machine
+    return row
+
+
+def gpu_machine_info():
+    """The GPU, its driver and the CUDA / CuPy / torch versions."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return dict(gpu=name, gpu_memory_gib=round(props["totalGlobalMem"] / 2**30, 1),
+                compute_capability=cupy.cuda.Device().compute_capability,
+                driver=cupy.cuda.runtime.driverGetVersion(), runtime=cupy.cuda.runtime.runtimeGetVersion(),
+                cupy=cupy.__version__, torch=_version("torch"), python=platform.python_version(),
+                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def _torch_cuda():
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def gpu_targets_summary(rows):
+    """The GPU bars, met or missed, on the shapes measured."""
+    parts = []
+
+    def check(label, shown, target, ok):
+        parts.append(f"{label} {shown} ({'ok' if ok else 'MISS'} vs {target})")
+
+    many = [r for r in rows if r["rows_per_expert"] >= MANY_ROWS and r["d"] >= 1024]
+    small_e = [r for r in many if r["E"] <= 16]
+    if small_e:
+        v = max(r["ratio_fwdbwd"] for r in small_e)
+        check("f+b E≤16", f"{v:.2f}", f"≤{GPU_TARGETS['ratio_fwdbwd']}", v <= GPU_TARGETS["ratio_fwdbwd"])
+    e64 = [r for r in many if r["E"] == 64]
+    if e64:
+        v = max(r["ratio_fwdbwd"] for r in e64)
+        check("f+b E=64", f"{v:.2f}", f"≤{GPU_TARGETS['ratio_fwdbwd_e64']}", v <= GPU_TARGETS["ratio_fwdbwd_e64"])
+    for r in rows:
+        if r["rows_per_expert"] < MANY_ROWS:
+            parts.append(f"{r['shape']}: f+b/t_bound {r['tbound_ratio_fwdbwd']:.2f} (t_bound "
+                         f"{1e3 * r['t_bound_fwdbwd_s']:.2f} ms)")
+    if rows:
+        v = max(r["dispatch_share_fwdbwd"] for r in rows)
+        check("dispatch", f"{v:.1%}", f"≤{GPU_TARGETS['dispatch']:.0%}", v <= GPU_TARGETS["dispatch"])
+        tol = GPU_TARGETS["rel_err_tf32" if rows[0]["tf32"] else "rel_err"]
+        v = max(r["rel_err_vs_numpy"] for r in rows)
+        check("err", f"{v:.1e}", f"≤{tol:g}", v <= tol)
+    if rows and all("vs_torch_fwdbwd" in r for r in rows):
+        v = max(r["vs_torch_fwdbwd"] for r in rows)
+        check("vs torch CUDA", f"{v:.2f}", "<1 = faster", v < 1)
+    return "targets [cupy, GPU]: " + "; ".join(parts)
+
+
+def bench_gpu(be, shapes, *, repeat, warmup, activation, torch_on, on_row=None, layer=False):
+    """Every GPU shape; returns the rows. on_row(rows so far) after each shape (to save partial results)."""
+    from tinymoe.backends.cupy import _gemm
+
+    be.warmup()
+    copy_bw = gpu_copy_bandwidth()
+    machine = gpu_machine_info()
+    torch_on = torch_on and _torch_cuda()
+    if torch_on:  # the same TF32 setting as the cupy backend's GEMMs
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = _gemm.tf32()
+    _log(f"GPU: {machine['gpu']}; copy bandwidth {copy_bw / 1e9:.0f} GB/s; TF32 "
+         f"{'on (CUPY_TF32=1)' if _gemm.tf32() else 'off'}; PyTorch CUDA comparison {'on' if torch_on else 'off'}")
+    rows = []
+    for shape in shapes:
+        t0 = time.perf_counter()
+        rows.append(bench_gpu_shape(shape, be, repeat=repeat, warmup=warmup, activation=activation,
+                                    torch_on=torch_on, copy_bw=copy_bw, machine=machine, layer=layer))
+        _log(f"  GPU shape T,d,f,E,k={shape}: {time.perf_counter() - t0:.1f} s")
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
 def _torch_importable():
     try:
         import torch  # noqa: F401
@@ -659,6 +951,9 @@ def build_parser():
                         help="time an idiomatic PyTorch MoE layer too (default: when torch imports)")
     parser.add_argument("--layer", action=argparse.BooleanOptionalAction, default=False,
                         help="also time the whole tm.nn.MoE layer against tm.nn.FeedForward")
+    parser.add_argument("--tf32", action="store_true",
+                        help="cupy backend: let float32 GEMMs use TF32 tensor cores (sets CUPY_TF32=1; the dense "
+                             "baseline and the PyTorch comparison follow)")
     return parser
 
 
@@ -668,10 +963,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeat is not None and args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be ≥ 1 and --warmup ≥ 0")
+    if args.tf32:
+        os.environ["CUPY_TF32"] = "1"
     try:
         modules, skipped = resolve_backends(args.backend)
     except ValueError as e:
         parser.error(str(e))
+    gpu = modules.pop("cupy", None)  # the GPU backend has its own shapes, clocks and baselines (bench_gpu)
     repeat = args.repeat or (3 if args.shapes == "quick" else 5)
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch_on = _torch_importable() if args.torch is None else args.torch
@@ -702,6 +1000,20 @@ def main(argv=None) -> int:
 
     machine["loadavg_end"] = _loadavg()  # the same dict sits in every row
     report = format_table(rows, skipped) + ("\n" + targets_summary(rows) if rows else "")
+    if gpu is not None and not rows and not skipped:  # only the GPU was asked for: no empty CPU table
+        report = ""
+    if gpu is not None:
+        def save_partial(gpu_rows):  # a GPU run cut short by a time limit still leaves the shapes it finished
+            if args.json and args.json != "-":
+                with open(args.json, "w") as fh:
+                    fh.write(json.dumps(rows + gpu_rows, indent=1, default=float) + "\n")
+
+        gpu_rows = bench_gpu(gpu, GPU_QUICK_SHAPES if args.shapes == "quick" else GPU_SHAPES, repeat=repeat,
+                             warmup=max(args.warmup, 2), activation=args.activation, torch_on=torch_on,
+                             on_row=save_partial, layer=args.layer)
+        report += (("\n\n" if report else "") + "GPU (cupy backend):\n" + format_table(gpu_rows, {}) + "\n"
+                   + gpu_targets_summary(gpu_rows))
+        rows += gpu_rows
     to_stdout = args.json == "-"
     print(report, file=sys.stderr if to_stdout else sys.stdout, flush=True)
     if args.json:

@@ -383,5 +383,82 @@ def main(argv=None):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- the GPU (cupy)
+# Issue 12's bar: a whole step of a d_model 512, 8-expert, 4-layer model on the GPU at least 10x faster than the
+# numba backend's step on the 2-core CPU machine. `python benchmarks/train_step.py gpu [--json PATH]` times that step
+# on the cupy backend (the model moved with model.to("cupy"), each batch moved once per step) and on numba in this
+# process; a contender that cannot run here is skipped with the registry's reason.
+GPU_CONFIG = dict(d_model=512, n_heads=8, d_ff=2048, num_experts=8, k=2, n_layers=4, batch=32, seq_len=128)
+
+
+def gpu_step_times(contender, steps, warmup, seed=0):
+    """Seconds of fit's step (forward, cross-entropy + aux, backward, clip, AdamW) on GPU_CONFIG for `contender`:
+    "cupy" (clocks read after a synchronize) or a host backend. Returns median_s, seconds and the first loss."""
+    c = GPU_CONFIG
+    cfg = ModelConfig(vocab_size=VOCAB, max_seq_len=c["seq_len"], d_model=c["d_model"], n_layers=c["n_layers"],
+                      n_heads=c["n_heads"], d_ff=c["d_ff"], num_experts=c["num_experts"], k=c["k"], moe_every=1,
+                      gate="top_k", router="token", seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    data = [(rng.integers(0, VOCAB, (c["batch"], c["seq_len"])), rng.integers(0, VOCAB, (c["batch"], c["seq_len"])))
+            for _ in range(warmup + steps)]
+    xp, sync = np, (lambda: None)
+    if contender == "cupy":
+        import cupy
+
+        xp, sync = cupy, cupy.cuda.get_current_stream().synchronize
+    times, losses = [], []
+    with tm.use_backend(contender), tm.backends.session():
+        model = MoETransformer(cfg)
+        if contender == "cupy":
+            model.to("cupy")
+            tm.backends.load("cupy").warmup()
+        opt = AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        for i, (tokens, targets) in enumerate(data):
+            sync()
+            t0 = time.perf_counter()
+            tokens, targets = xp.asarray(tokens), xp.asarray(targets)  # the batch moved once per step
+            total = F.cross_entropy(model(tokens), targets) + model.aux_loss()
+            opt.zero_grad()
+            total.backward()
+            clip_grad_norm(model.parameters(), CLIP)
+            opt.step()
+            losses.append(total.item())  # the loss on the host, as fit reads it
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "seconds": times, "first_loss": losses[0]}
+
+
+def gpu_main(argv=None):
+    ap = argparse.ArgumentParser(prog="train_step.py gpu", description="A whole training step of the d512 / E8 / "
+                                 "4-layer model on the cupy backend (GPU) beside the numba backend.")
+    ap.add_argument("--steps", type=int, default=20, help="timed cupy steps")
+    ap.add_argument("--numba-steps", type=int, default=3, help="timed numba steps (0: skip numba)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--json", default=None, metavar="PATH")
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    result = {"config": GPU_CONFIG, "threads": args.threads, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for contender, steps in (("cupy", args.steps), ("numba", args.numba_steps)):
+        if steps <= 0:
+            continue
+        if contender not in tm.backends.available():
+            result[contender] = {"skipped": tm.backends.unavailable().get(contender, "not available")}
+        else:
+            result[contender] = gpu_step_times(contender, steps, args.warmup)
+        r = result[contender]
+        print(f"{contender}: " + (f"skipped ({r['skipped']})" if "skipped" in r else
+                                  f"{1e3 * r['median_s']:.1f} ms per step (first loss {r['first_loss']:.4f})"))
+    if "median_s" in result.get("cupy", {}) and "median_s" in result.get("numba", {}):
+        result["numba_over_cupy"] = result["numba"]["median_s"] / result["cupy"]["median_s"]
+        print(f"numba / cupy: {result['numba_over_cupy']:.1f}x (the bar: >= 10x against numba on the 2-core CPU "
+              f"machine; this numba ran on {args.threads} threads here)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(json.dumps(result, indent=1, default=float))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(gpu_main(sys.argv[2:]) if sys.argv[1:2] == ["gpu"] else main())

@@ -1,7 +1,7 @@
 """Run configuration: dataclasses validated on load, from a TOML (or JSON) file and `--set key=value` overrides.
 
     name = "demo"            # run folder: <out>/<name>-<time>
-    backend = "auto"         # auto (numba when installed, else numpy) | numpy | numba
+    backend = "auto"         # auto (cupy with a GPU, else numba when installed, else numpy) | numpy | numba | cupy
     seed = 0
 
     [data]                   # DataConfig: which generated dataset (tinymoe.data), its size and split
@@ -164,7 +164,7 @@ def used_keys(section, kind_or_family) -> set:
 class RunConfig:
     name: str = "demo"
     out: str = "runs"
-    backend: str = "auto"  # auto | numpy | numba
+    backend: str = "auto"  # auto | numpy | numba | cupy
     seed: int = 0  # overrides the seeds of data, model and optim when they are left at 0
     data: DataConfig = field(default_factory=DataConfig)
     model: dict = field(default_factory=dict)  # ModelConfig or MultiGateConfig fields, validated by model_config()
@@ -478,15 +478,25 @@ def apply_overrides(values: dict, overrides) -> dict:
 
 
 def load_config(path=None, overrides=None) -> RunConfig:
-    """The built-in demo, or the file at `path`, with `--set` overrides applied, validated."""
+    """The built-in demo, or the file at `path`, with `--set` overrides applied, validated (the backend too)."""
     if path:
-        return run_config_from_dict(apply_overrides(read_file(path), overrides))
+        return check_backend(run_config_from_dict(apply_overrides(read_file(path), overrides)))
     values = apply_overrides(DEMO, overrides)
     if values.get("data", {}).get("kind", "sequence") != "sequence":
         # the demo's [model] is a transformer; tabular data starts from MultiGateConfig, plus any --set model.*
         values["model"] = apply_overrides({}, [o for o in overrides or () if o.strip().startswith("model.")]).get(
             "model", {})
-    return run_config_from_dict(values)
+    return check_backend(run_config_from_dict(values))
+
+
+def check_backend(cfg: RunConfig) -> RunConfig:
+    """cfg, or a ConfigError when it names a backend that cannot run on this machine (with why and how to get it):
+    checked with the config, before any data is built. `auto` always runs. (A saved run's config is not checked
+    here: a run trained on a GPU still loads on a CPU-only machine.)"""
+    why = None if cfg.backend == "auto" else backends.unavailable().get(cfg.backend)
+    if why:
+        raise ConfigError(f"backend = {cfg.backend!r} cannot run here: {why}")
+    return cfg
 
 
 # ---- memory estimate -------------------------------------------------------------------------------------------------

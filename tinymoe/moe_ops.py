@@ -39,8 +39,9 @@ class RoutingPlan:
 
 
 def plan_routing(expert_idx, num_experts, keep=None) -> RoutingPlan:
-    """Route with the current backend. expert_idx (T, k) ints, keep (T, k) bool or None (all kept)."""
-    be = backends.backend_module()
+    """Route on the backend for where expert_idx lives (`backends.for_arrays`: CuPy arrays -> cupy, NumPy arrays ->
+    the current host backend). expert_idx (T, k) ints, keep (T, k) bool or None (all kept)."""
+    be = backends.for_arrays(expert_idx, keep)
     order, offsets, inverse = be.route(expert_idx, num_experts, keep)
     return RoutingPlan(order, offsets, inverse, expert_idx.shape[0], expert_idx.shape[1], be)
 

@@ -135,7 +135,11 @@ def resolve_backend(name) -> str:
 
 @contextlib.contextmanager
 def run_backend(name):
-    """Run on the backend `resolve_backend(name)` picks. Yields its name."""
+    """Run on the backend `resolve_backend(name)` picks. Yields its name. A saved run whose backend cannot run on
+    this machine (trained on a GPU, evaluated on a CPU-only one) runs on the best backend here instead: the weights
+    are the same on any device."""
+    if name != "auto" and name in backends.unavailable():
+        name = "auto"
     name = resolve_backend(name)
     with backends.use_backend(name):
         yield name

@@ -322,7 +322,8 @@ class MoE(Module):
             return chosen
         C = reference.capacity(c.capacity_factor, routing.expert_idx.shape[0], c.k, c.num_experts)
         priority = routing.weights.data if c.priority == "weight" else None
-        return backends.backend_module().capacity_keep(routing.expert_idx, c.num_experts, C, priority, chosen)
+        be = backends.for_arrays(routing.expert_idx, chosen)  # the backend for where the routing lives
+        return be.capacity_keep(routing.expert_idx, c.num_experts, C, priority, chosen)
 
     def _mixture(self, tokens, routing: gates.Routing, keep):
         """y = Σ_j w_j · FFN_{e_j}(x) over the kept assignments, on the current backend; returns (y, counts (E,))."""
