@@ -125,7 +125,7 @@ def run_sweep(cfg, measure, *, claim, arm, baseline, metric, words, direction=+1
     0..cfg["seeds"]-1; returns (points, {label: (arm values, baseline values)}, comparisons, summary lines).
     words: {axis: what it counts}, e.g. {"tasks": "tasks in the mixture", "experts": "experts",
     "data": "examples per related task"}."""
-    base, axes = cfg["base"], cfg["axes"]
+    base, axes = cfg["sweep"]["base"], cfg["sweep"]["axes"]
     points = sweep_points(base, axes)
     values = {label(p): ([], []) for p in points}
     for seed in range(cfg["seeds"]):
@@ -151,8 +151,8 @@ def scale_words(point, words) -> str:
     return ", ".join(f"{point[a]} {words[a]}" for a in AXES if a in point)
 
 
-def write_sweep(path, *, experiment, preset, title, cfg, points, values, comparisons, summary, arm, baseline,
-                metric, words, notes, plot_name, backend, timer, extra=None) -> dict:
+def write_sweep(path, *, experiment, preset, title, cfg, points, values, comparisons, summary, arm, baseline, metric,
+                words, notes, plot_name, backend, timer, extra=None) -> dict:
     """results.md (the per-point table, the comparisons, the summary per axis), the effect-against-scale plot and
     results.json of a sweep; returns the experiment's result dict."""
     rows = [[label(p), fmt(values[label(p)][0]), fmt(values[label(p)][1]), c.interval(), c.seeds, f"{c.p:.3g}",
@@ -167,14 +167,17 @@ def write_sweep(path, *, experiment, preset, title, cfg, points, values, compari
     save_results(path, dict(experiment=experiment, preset=preset, config=cfg,
                             values={k: dict(arm=a, baseline=b) for k, (a, b) in values.items()},
                             comparisons=comparisons, summary=summary, scale_tried=scale_tried(cfg, words),
+                            arm=arm, settings=[label(p) for p in points],
                             backend=backend, **record, **(extra or {})))
     return {"dir": path, "table": table, "rows": rows, "comparisons": comparisons, "summary": summary,
             "seconds": record["seconds"]}
 
 
 def scale_tried(cfg, words) -> str:
-    """'tasks in the mixture T ∈ {4, 16, 32}, experts E ∈ {4, 16}, examples per related task n ∈ {100, 300, 900}'."""
-    return ", ".join(f"{words[a]} {SYMBOLS[a]} ∈ {{{', '.join(map(str, v))}}}" for a, v in cfg["axes"].items())
+    """'tasks in the mixture T ∈ {4, 16, 32}, experts E ∈ {4, 16}, examples per related task n ∈ {100, 300, 900}'
+    (the base point's value of each axis is the one the other axes are held at)."""
+    axes = cfg["sweep"]["axes"]
+    return ", ".join(f"{words[a]} {SYMBOLS[a]} ∈ {{{', '.join(map(str, v))}}}" for a, v in axes.items())
 
 
 def plot(path, filename, title, cfg, points, comparisons, ylabel, words):
@@ -187,7 +190,7 @@ def plot(path, filename, title, cfg, points, comparisons, ylabel, words):
 
     from ..plots import save_figure
 
-    base, axes = cfg["base"], list(cfg["axes"])
+    base, axes = cfg["sweep"]["base"], list(cfg["sweep"]["axes"])
     by_label = {label(p): c for p, c in zip(points, comparisons)}
     fig, panels = plt.subplots(1, len(axes), figsize=(3.4 * len(axes), 3.4), sharey=True, squeeze=False)
     for ax, axis in zip(panels[0], axes):
