@@ -16,6 +16,7 @@ from datetime import datetime
 
 import numpy as np
 
+from ..checkpoint import write_atomic
 from ..nn import Module, SharedBottom  # noqa: F401  (SharedBottom, the E1 baseline, lives in the library: `tinymoe train` builds it too)
 from ..plots import save_figure
 
@@ -131,8 +132,7 @@ def write_results(path, title, sections, notes=()) -> str:
         text += [f"## {heading}", "", table, ""]
     text += [str(n) for n in notes]
     file = os.path.join(path, "results.md")
-    with open(file, "w") as f:
-        f.write("\n".join(text).rstrip() + "\n")
+    write_atomic(file, ("\n".join(text).rstrip() + "\n").encode())  # a reader never sees half a file
     return file
 
 
@@ -382,6 +382,6 @@ def save_results(path, payload) -> str:
     import json
 
     file = os.path.join(path, "results.json")
-    with open(file, "w") as f:
-        json.dump(payload, f, indent=1, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else float(o))
+    text = json.dumps(payload, indent=1, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else float(o))
+    write_atomic(file, text.encode())  # `report` never reads half a file
     return file

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 
+from ..checkpoint import write_atomic
 from .stats import Comparison
 
 # (paper, claim, experiment, the claim string its primary comparison carries) — one row per claim of both papers
@@ -146,8 +146,8 @@ def build(results, preset, doc_dir) -> str:
             body = f.read().split("\n", 1)[1].strip()  # drop the file's own title
         lines += [("\n" + body).replace("\n## ", "\n### ").strip(), ""]
         for png in sorted(p for p in os.listdir(folder) if p.endswith(".png")):
-            target = os.path.join(doc_dir, "results", png)
-            shutil.copyfile(os.path.join(folder, png), target)
+            with open(os.path.join(folder, png), "rb") as f:
+                write_atomic(os.path.join(doc_dir, "results", png), f.read())
             lines += [f"![{png}](results/{png})", ""]
         lines += [f"Ran in {_took(res)} on the backend `{res['backend']}` "
                   f"(`tinymoe experiment {name} --preset {preset} --backend {res['backend']}`).", ""]
@@ -178,8 +178,7 @@ def report(preset="small", root=os.path.join("runs", "experiments"), doc=os.path
             res["_dir"] = run_folder(root, name, preset)
             results[name] = res
     text = build(results, preset, os.path.dirname(doc) or ".")
-    with open(doc, "w") as f:
-        f.write(text)
+    write_atomic(doc, text.encode())
     for paper, claim, name, key in CLAIMS:
         primary = [c for c in results.get(name, {}).get("comparisons", []) if c.primary and c.claim == key]
         log(primary[0].sentence() if primary else f"{claim}: not run")
