@@ -129,7 +129,15 @@ def build(results, preset, doc_dir) -> str:
               "active FLOPs, the equal-parameter dense model and the task-blind router are secondary rows in E4. "
               "Where a tuned lr sits at the edge of the grid, a wider grid could move the numbers. In the plots each "
               "comparison is drawn with its 95 % CI, signed so that right favours the claim; * marks a secondary "
-              "comparison; green holds, red contradicted, grey cannot tell.", ""]
+              "comparison; green holds, red contradicted, grey cannot tell.", "",
+              "**Reading the sweep rows** (E6–E9). A sweep repeats its claim's pre-declared comparison at every "
+              "setting of a scale axis with the other axes at a base point (one axis at a time), each setting on its "
+              "own paired seeds with its own interval and verdict (uncorrected: each is the primary comparison at "
+              "its scale). Along an axis, read from the smallest value up, the claim *holds from N on* when it holds "
+              "at N and at every larger value tried, and is *not seen up to N* otherwise; a contradicted setting is "
+              "named. The sweeps reuse the tuned lr of the experiment they extend instead of tuning per setting, and "
+              "train for the same steps at every setting, so a larger mixture also means fewer updates per task.",
+              ""]
     ran = [n for n in NAMES if n in results]
     missing = [n for n in NAMES if n not in results]
     lines += [f"Ran at preset `{preset}`: {', '.join(ran) or 'none'}" +
