@@ -122,7 +122,8 @@ def test_e7_tiny(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| … (i) against"))
     assert all(c.interval(2) in row for c in result["comparisons"]) and "seeds each" in row
     assert all(s in row for s in result["summary"])
-    assert any("(scale sweep)" in line and "paired seeds" in line for line in lines)
+    assert sum("(scale sweep)" in line and "paired seeds" in line for line in lines) == len(result["comparisons"])
+    assert any(line.endswith("; ".join(result["summary"])) for line in lines)  # and the summary per axis
 
 
 def test_e7_setting_grows_the_mixture_around_the_target():

@@ -189,7 +189,15 @@ def report(preset="small", root=os.path.join("runs", "experiments"), doc=os.path
     write_atomic(doc, text.encode())
     for paper, claim, name, key in CLAIMS:
         primary = [c for c in results.get(name, {}).get("comparisons", []) if c.primary and c.claim == key]
-        log(primary[0].sentence() if primary else f"{claim}: not run")
+        summary = results.get(name, {}).get("summary")
+        if not primary:
+            log(f"{claim}: not run")
+        elif summary:  # a sweep: every setting's verdict, then where along each axis the claim shows
+            for c in primary:
+                log(c.sentence())
+            log(f"{key}: " + "; ".join(summary))
+        else:
+            log(primary[0].sentence())
     log(f"wrote {doc}")
     return text
 
