@@ -12,6 +12,7 @@ Used by E7–E9, the sweeps of Gupta et al. 2022's claims (i)–(iii); E6 uses `
 from __future__ import annotations
 
 import os
+import textwrap
 
 import numpy as np
 
@@ -162,7 +163,8 @@ def write_sweep(path, *, experiment, preset, title, cfg, points, values, compari
                             "mean paired diff. [95 % t CI]", "seeds", "sign-flip p", "verdict"], rows)
     write_results(path, title, [(f"{metric} by scale", table), ("Comparisons", comparison_table(comparisons))],
                   [*notes, "", *[f"* {line}" for line in summary]])
-    plot(path, plot_name, title, cfg, points, comparisons, f"{arm} − {baseline}\n({metric}, 95 % t CI)", words)
+    plot(path, plot_name, f"{title}: {arm} − {baseline}", cfg, points, comparisons,
+         f"paired difference in {metric}\n(95 % t CI, > 0 favours the claim)", words)
     record = timer.record()
     save_results(path, dict(experiment=experiment, preset=preset, config=cfg,
                             values={k: dict(arm=a, baseline=b) for k, (a, b) in values.items()},
@@ -209,6 +211,6 @@ def plot(path, filename, title, cfg, points, comparisons, ylabel, words):
         ax.set(xlabel=f"{words[axis]} {SYMBOLS[axis]}", title=f"{fixed}")
         ax.title.set_fontsize(8)
     panels[0][0].set_ylabel(ylabel, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=9)
     fig.tight_layout()
     return save_figure(fig, os.path.join(path, filename))  # atomic, like every file of a run
