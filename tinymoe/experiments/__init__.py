@@ -4,14 +4,17 @@
     python -m tinymoe.experiments e2 --preset tiny
     tinymoe experiment report [--run]      # docs/results.md from the saved results (report.py)
 
-| name | module        | question                                                                  |
-|------|---------------|---------------------------------------------------------------------------|
-| e1   | e1_gates      | gates on synthetic MTL (Hazimeh et al. 2021): MSE, cluster recovery (ARI)  |
-| e2   | e2_transfer   | low-resource transfer (Gupta et al. 2022, claim i)                        |
-| e3   | e3_unseen     | few-shot unseen tasks via description-composed routing (claim ii)         |
-| e4   | e4_unrelated  | adding unrelated tasks (claim iii)                                        |
-| e5   | e5_digits     | gates on multi-digit images (Hazimeh et al. 2021, real-data evaluation)   |
-| e6   | e6_scale      | cluster recovery against the number of tasks and experts (scale sweep)    |
+| name | module             | question                                                                  |
+|------|--------------------|---------------------------------------------------------------------------|
+| e1   | e1_gates           | gates on synthetic MTL (Hazimeh et al. 2021): MSE, cluster recovery (ARI) |
+| e2   | e2_transfer        | low-resource transfer (Gupta et al. 2022, claim i)                        |
+| e3   | e3_unseen          | few-shot unseen tasks via description-composed routing (claim ii)         |
+| e4   | e4_unrelated       | adding unrelated tasks (claim iii)                                        |
+| e5   | e5_digits          | gates on multi-digit images (Hazimeh et al. 2021, real-data evaluation)   |
+| e6   | e6_scale           | cluster recovery against the number of tasks and experts (scale sweep)    |
+| e7   | e7_sweep_transfer  | claim (i) against tasks, experts and data per related task (sweep)        |
+| e8   | e8_sweep_unseen    | claim (ii) against seen tasks, experts and data per seen task (sweep)     |
+| e9   | e9_sweep_unrelated | claim (iii) against unrelated tasks, experts and data per base task       |
 
 Each trains every arm on the same paired seeds and writes results.md (tables and paired comparisons with their
 verdicts, tinymoe.experiments.stats), results.json and PNGs into its run folder (--out, default
@@ -23,7 +26,8 @@ import argparse
 import importlib
 import os
 
-EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits", "e6": "e6_scale"}
+EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits",
+               "e6": "e6_scale", "e7": "e7_sweep_transfer", "e8": "e8_sweep_unseen", "e9": "e9_sweep_unrelated"}
 
 
 def get(name):
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
         from .report import main as report_main
 
         return report_main(argv[1:])
-    p = argparse.ArgumentParser(prog="tinymoe experiment", description="Run one of the experiments (e1 .. e6), or "
+    p = argparse.ArgumentParser(prog="tinymoe experiment", description="Run one of the experiments (e1 .. e9), or "
                                 "`tinymoe experiment report` to write docs/results.md.")
     p.add_argument("name", choices=[*EXPERIMENTS, *EXPERIMENTS.values()], help="which experiment")
     p.add_argument("--preset", default="small", choices=["small", "tiny"], help="small: minutes; tiny: seconds")

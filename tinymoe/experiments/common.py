@@ -9,12 +9,14 @@ tinymoe.experiments.stats.Comparison objects with their verdicts.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import datetime
 
 import numpy as np
 
+from ..checkpoint import write_atomic
 from ..nn import Module, SharedBottom  # noqa: F401  (SharedBottom, the E1 baseline, lives in the library: `tinymoe train` builds it too)
 from ..plots import save_figure
 
@@ -28,13 +30,29 @@ def run_dir(name, out=None) -> str:
     return path
 
 
+@contextlib.contextmanager
 def fastest_backend():
     """Context: run under TINYMOE_BACKEND when it is set (`--backend` sets it), else numba when it is installed,
     else the NumPy reference (tinymoe.runs.run_backend's "auto"); yields its name. Backends agree to ~1e-6, not
-    bitwise, so a table is reproduced exactly only on the backend it names."""
+    bitwise, so a table is reproduced exactly only on the backend it names.
+
+    BLAS runs on one thread inside (when threadpoolctl is installed, as the numba extra installs it): the
+    experiments' matrices are a few dozen rows wide, where a second BLAS thread only adds synchronisation, and on a
+    machine shared with other jobs the spinning BLAS threads made a run 5-10x slower (measured: 300 steps of E2's
+    model took 17-23 s with the default threads and 1.8-2.6 s with one, at load average 3)."""
     from ..runs import run_backend
 
-    return run_backend(os.environ.get("TINYMOE_BACKEND") or "auto")
+    with run_backend(os.environ.get("TINYMOE_BACKEND") or "auto") as name, one_blas_thread():
+        yield name
+
+
+def one_blas_thread():
+    """Context limiting BLAS to one thread (threadpoolctl), or doing nothing when threadpoolctl is missing."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def preset_config(presets, preset, seeds=None) -> dict:
@@ -114,8 +132,7 @@ def write_results(path, title, sections, notes=()) -> str:
         text += [f"## {heading}", "", table, ""]
     text += [str(n) for n in notes]
     file = os.path.join(path, "results.md")
-    with open(file, "w") as f:
-        f.write("\n".join(text).rstrip() + "\n")
+    write_atomic(file, ("\n".join(text).rstrip() + "\n").encode())  # a reader never sees half a file
     return file
 
 
@@ -142,12 +159,38 @@ def bar_plot(path, filename, title, groups, series, ylabel):
 
 
 class Timer:
+    """Wall-clock and CPU seconds since construction, and the load average (1 min) at the start and now: a runtime
+    on a shared machine is quoted with all three. The process's CPU seconds are what the run would take on a quiet
+    machine with one core free for it (the experiments run single-threaded, `fastest_backend`)."""
+
     def __init__(self):
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.load_start = _load()
 
     @property
     def seconds(self):
         return time.perf_counter() - self.start
+
+    @property
+    def cpu_seconds(self):
+        return time.process_time() - self.cpu_start
+
+    def record(self) -> dict:
+        """{"seconds", "cpu_seconds", "load"}: for results.json (the report quotes them)."""
+        return dict(seconds=self.seconds, cpu_seconds=self.cpu_seconds, load=[self.load_start, _load()])
+
+    def describe(self) -> str:
+        """'412 s wall, 388 s CPU, load average 2.9 -> 3.4'."""
+        r = self.record()
+        return (f"{r['seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU, load average {r['load'][0]:.1f} -> "
+                f"{r['load'][1]:.1f}")
+
+
+def _load() -> float:
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):  # not every platform has a load average
+        return float("nan")
 
 
 # ---- the sequence-task models of E2–E4 ----------------------------------------------------------------------------
@@ -342,6 +385,6 @@ def save_results(path, payload) -> str:
     import json
 
     file = os.path.join(path, "results.json")
-    with open(file, "w") as f:
-        json.dump(payload, f, indent=1, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else float(o))
+    text = json.dumps(payload, indent=1, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else float(o))
+    write_atomic(file, text.encode())  # `report` never reads half a file
     return file

@@ -46,33 +46,41 @@ SECONDARY = [("MoE add (task-aware)", "dense ×E (equal params)"), ("MoE add (ta
 CLAIM = "(i) task-aware routing helps a low-resource task"
 
 
-def run(preset="small", seeds=None, out=None, log=print) -> dict:
+def target_accuracy(arm, cfg, lr, seed) -> tuple[float, float]:
+    """Fit `arm` on this seed's data of setting `cfg` (the keys of a preset); returns the target task's
+    (validation accuracy, test accuracy). Validation and test hold the target only, so early stopping and the lr
+    choice look at the target. The sweep of claim (i) (e7_sweep_transfer) calls this at every scale point."""
     from ..train import evaluate, fit
 
-    cfg = preset_config(PRESETS, preset, seeds)
-    path, timer = run_dir("e2_transfer", out), Timer()
     L, V = cfg["seq_len"], cfg["vocab"]
     tasks = [*cfg["related"], cfg["target"]]
     target = "+".join(cfg["target"])
+    if arm == ALONE:
+        tr, va, te = (sequence_tasks([cfg["target"]], n, L, V, seed=s) for n, s in
+                      ((cfg["n_target"], seed), (cfg["n_val"], 10_000 + seed), (cfg["n_test"], 20_000 + seed)))
+        model = sequence_model("dense", 1, V, L, cfg, seed)
+    else:
+        counts = [cfg["n_related"]] * len(cfg["related"]) + [cfg["n_target"]]
+        only_target = [0] * len(cfg["related"])
+        tr = sequence_tasks(tasks, counts, L, V, seed=seed)
+        va, te = (sequence_tasks(tasks, only_target + [n], L, V, seed=s) for n, s in
+                  ((cfg["n_val"], 10_000 + seed), (cfg["n_test"], 20_000 + seed)))
+        model = sequence_model(arm, len(tasks), V, L, cfg, seed, task_parts=tasks)
+    fit(model, tr, va, optim_config(cfg, seed, lr=lr), seed=seed)
+    return float(evaluate(model, va)["per_task"][target]), float(evaluate(model, te)["per_task"][target])
+
+
+def run(preset="small", seeds=None, out=None, log=print) -> dict:
+    cfg = preset_config(PRESETS, preset, seeds)
+    path, timer = run_dir("e2_transfer", out), Timer()
+    V = cfg["vocab"]
+    target = "+".join(cfg["target"])
     arms = cfg["arms"] or ARMS
     counts = [cfg["n_related"]] * len(cfg["related"]) + [cfg["n_target"]]
-    only_target = [0] * len(cfg["related"])
     share = cfg["n_target"] / sum(counts)
 
     def train_arm(arm, lr, seed):
-        """Fit `arm` on this seed's data; returns (target validation accuracy, target test accuracy)."""
-        if arm == ALONE:
-            tr, va, te = (sequence_tasks([cfg["target"]], n, L, V, seed=s) for n, s in
-                          ((cfg["n_target"], seed), (cfg["n_val"], 10_000 + seed), (cfg["n_test"], 20_000 + seed)))
-            model = sequence_model("dense", 1, V, L, cfg, seed)
-        else:
-            tr = sequence_tasks(tasks, counts, L, V, seed=seed)
-            # validation and test hold the target only: early stopping and the lr choice look at the target
-            va, te = (sequence_tasks(tasks, only_target + [n], L, V, seed=s) for n, s in
-                      ((cfg["n_val"], 10_000 + seed), (cfg["n_test"], 20_000 + seed)))
-            model = sequence_model(arm, len(tasks), V, L, cfg, seed, task_parts=tasks)
-        fit(model, tr, va, optim_config(cfg, seed, lr=lr), seed=seed)
-        return float(evaluate(model, va)["per_task"][target]), float(evaluate(model, te)["per_task"][target])
+        return target_accuracy(arm, cfg, lr, seed)
 
     acc = {a: [] for a in arms}
     with fastest_backend() as backend:
@@ -88,14 +96,14 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     rows = [[a, fmt(acc[a]), f"{lrs[a]:g}"] for a in arms]
     table = markdown_table(["arm", f"{target} test accuracy (mean ± std over seeds)", "lr (tuned)"], rows)
     verdicts = comparison_table(comparisons)
-    seconds = timer.seconds
+    seconds, took = timer.seconds, timer.describe()
     notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds (same data, split and lr grid for every arm); backend "
              f"{backend}. Related tasks ({cfg['n_related']} training examples each): "
              f"{', '.join('+'.join(t) for t in cfg['related'])}; target {target}: {cfg['n_target']} examples "
              f"({share:.1%} of the training data), {cfg['n_val']} validation examples (early stopping and lr choice "
              f"on the target only; the lr of each arm is the grid's best on a separate tuning seed). Transformer d_model={cfg['d_model']}, {cfg['n_layers']} layers, d_ff="
              f"{cfg['d_ff']}; MoE: every block, {cfg['num_experts']} experts of width d_ff, top-1; {cfg['steps']} "
-             f"Adam steps, batch {cfg['batch_size']}, lr grid {lr_grid(cfg)}; {seconds:.0f} s.",
+             f"Adam steps, batch {cfg['batch_size']}, lr grid {lr_grid(cfg)}; {took}.",
              "", f"Chance accuracy is 1/{V} = {1 / V:.2f}."]
     write_results(path, "E2 — low-resource transfer (claim i)",
                   [(f"Target task {target}", table), ("Paired comparisons", verdicts)], notes)
@@ -103,7 +111,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     for c in comparisons:
         log(c.sentence())
     save_results(path, dict(experiment="e2", preset=preset, config=cfg, values=acc, lrs=lrs,
-                            comparisons=comparisons, seconds=seconds, backend=backend))
+                            comparisons=comparisons, backend=backend, **timer.record()))
     return {"dir": path, "table": table + "\n\n" + verdicts, "rows": rows, "comparisons": comparisons,
             "seconds": seconds}
 

@@ -68,71 +68,89 @@ def register(model, input_parts, router_parts) -> int:
     return task_id
 
 
-def run(preset="small", seeds=None, out=None, log=print) -> dict:
+def pretrain(arm, cfg, lr, seed):
+    """Train `arm` on the seen tasks of setting `cfg` (description-composed task embeddings); returns (model, part
+    ids per task, size of the description vocabulary, mean validation accuracy on the seen tasks)."""
     from ..train import evaluate, fit
 
+    L, V, S, H = cfg["seq_len"], cfg["vocab"], len(cfg["seen"]), len(cfg["heldout"])
+    tasks = [*cfg["seen"], *cfg["heldout"]]  # held-out task i has data id S + i, and gets model id S + i
+    train = sequence_tasks(tasks, [cfg["n_per_task"]] * S + [0] * H, L, V, seed=seed)
+    val = sequence_tasks(tasks, [max(cfg["n_per_task"] // 10, 1)] * S + [0] * H, L, V, seed=10_000 + seed)
+    vocab = train.description_vocab
+    parts = [list(train.description_ids(t)) for t in range(len(tasks))]
+    model = sequence_model(arm, S, V, L, cfg, seed, descriptions=parts[:S], num_parts=len(vocab) + H,
+                           task_parts=tasks)
+    fit(model, train, val, optim_config(cfg, seed, lr=lr), seed=seed)
+    return model, parts, len(vocab), float(evaluate(model, val)["mean"])
+
+
+def heldout_accuracy(trained, method, cfg, seed, shots=None) -> dict:
+    """{K: accuracy averaged over the held-out tasks} after fine-tuning a copy of the pre-trained model
+    (`pretrain`'s result for BASE_ARM[method]) on K examples of each held-out task, registered the way `method`
+    says (its description or a fresh part at the input and in the routers). The sweep of claim (ii)
+    (e8_sweep_unseen) calls this at every scale point."""
+    from ..train import evaluate, fit
+
+    L, V, S, H = cfg["seq_len"], cfg["vocab"], len(cfg["seen"]), len(cfg["heldout"])
+    tasks, held = [*cfg["seen"], *cfg["heldout"]], cfg["heldout"]
+    model0, parts, n_vocab, _ = trained
+    base = copy.deepcopy(model0)
+    for i in range(H):
+        fresh = [n_vocab + i]  # a part id no seen task uses: an untrained embedding
+        inp = fresh if method == FRESH_ALL else parts[S + i]
+        rout = parts[S + i] if method == REUSE else fresh
+        assert register(base, inp, rout) == S + i
+    out = {}
+    for K in (cfg["shots"] if shots is None else shots):
+        scores = []
+        for i in range(H):
+            model = copy.deepcopy(base)
+            counts = [0] * (S + H)
+            if K:
+                counts[S + i] = K
+                data = sequence_tasks(tasks, counts, L, V, seed=30_000 + 100 * seed + i)
+                fit(model, data, data, optim_config(cfg, seed, cfg["finetune_steps"], cfg["finetune_lr"],
+                                                    min(K, cfg["batch_size"])), seed=seed)
+            counts = [0] * (S + H)
+            counts[S + i] = cfg["n_test"]
+            test = sequence_tasks(tasks, counts, L, V, seed=20_000 + 100 * seed + i)
+            scores.append(evaluate(model, test)["per_task"]["+".join(held[i])])
+        out[K] = float(np.mean(scores))
+    return out
+
+
+def run(preset="small", seeds=None, out=None, log=print) -> dict:
     cfg = preset_config(PRESETS, preset, seeds)
     path, timer = run_dir("e3_unseen", out), Timer()
-    L, V = cfg["seq_len"], cfg["vocab"]
-    seen, held = cfg["seen"], cfg["heldout"]
-    S, H = len(seen), len(held)
-    tasks = [*seen, *held]  # held-out task i has data id S + i, and gets model id S + i from register
+    V, held = cfg["vocab"], cfg["heldout"]
+    seen = cfg["seen"]
     first_k = min(K for K in cfg["shots"] if K > 0)
-
-    def pretrain(arm, lr, seed):
-        train = sequence_tasks(tasks, [cfg["n_per_task"]] * S + [0] * H, L, V, seed=seed)
-        val = sequence_tasks(tasks, [cfg["n_per_task"] // 10] * S + [0] * H, L, V, seed=10_000 + seed)
-        vocab = train.description_vocab
-        parts = [list(train.description_ids(t)) for t in range(len(tasks))]
-        model = sequence_model(arm, S, V, L, cfg, seed, descriptions=parts[:S], num_parts=len(vocab) + H,
-                               task_parts=tasks)
-        fit(model, train, val, optim_config(cfg, seed, lr=lr), seed=seed)
-        return model, parts, len(vocab), float(evaluate(model, val)["mean"])
 
     acc = {(m, K): [] for m in METHODS for K in cfg["shots"]}  # mean over held-out tasks, per seed
     with fastest_backend() as backend:
         log(f"E3 ({preset}): backend {backend}; held out {['+'.join(h) for h in held]}; {cfg['seeds']} seeds")
         arms = sorted(set(BASE_ARM.values()))
-        lrs = tune_lr(arms, lambda arm, lr, seed: pretrain(arm, lr, seed)[3], cfg, log)
+        lrs = tune_lr(arms, lambda arm, lr, seed: pretrain(arm, cfg, lr, seed)[3], cfg, log)
         for seed in range(cfg["seeds"]):
-            trained = {arm: pretrain(arm, lrs[arm], seed) for arm in arms}
+            trained = {arm: pretrain(arm, cfg, lrs[arm], seed) for arm in arms}
             for method in METHODS:
-                model0, parts, n_vocab, _ = trained[BASE_ARM[method]]
-                base = copy.deepcopy(model0)
-                for i in range(H):
-                    fresh = [n_vocab + i]  # a part id no seen task uses: an untrained embedding
-                    inp = fresh if method == FRESH_ALL else parts[S + i]
-                    rout = parts[S + i] if method in (REUSE,) else fresh
-                    assert register(base, inp, rout) == S + i
-                for K in cfg["shots"]:
-                    scores = []
-                    for i in range(H):
-                        model = copy.deepcopy(base)
-                        counts = [0] * (S + H)
-                        if K:
-                            counts[S + i] = K
-                            shots = sequence_tasks(tasks, counts, L, V, seed=30_000 + 100 * seed + i)
-                            fit(model, shots, shots, optim_config(cfg, seed, cfg["finetune_steps"], cfg["finetune_lr"],
-                                                                  min(K, cfg["batch_size"])), seed=seed)
-                        counts = [0] * (S + H)
-                        counts[S + i] = cfg["n_test"]
-                        test = sequence_tasks(tasks, counts, L, V, seed=20_000 + 100 * seed + i)
-                        scores.append(evaluate(model, test)["per_task"]["+".join(held[i])])
-                    acc[(method, K)].append(float(np.mean(scores)))
-                    log(f"  seed {seed} {method} K={K}: held-out accuracy {acc[(method, K)][-1]:.3f}")
+                for K, value in heldout_accuracy(trained[BASE_ARM[method]], method, cfg, seed).items():
+                    acc[(method, K)].append(value)
+                    log(f"  seed {seed} {method} K={K}: held-out accuracy {value:.3f}")
 
     comparisons = comparisons_of(acc, cfg, first_k)
     rows = [[m, *[fmt(acc[(m, K)]) for K in cfg["shots"]]] for m in METHODS]
     table = markdown_table(["method", *[f"K={K}" + (" (zero-shot)" if K == 0 else "") for K in cfg["shots"]]], rows)
     verdicts = comparison_table(comparisons)
-    seconds = timer.seconds
+    seconds, took = timer.seconds, timer.describe()
     notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds, mean ± std over seeds of the accuracy averaged over "
              f"the held-out tasks; backend {backend}. Seen tasks ({cfg['n_per_task']} examples each): "
              f"{', '.join('+'.join(t) for t in seen)}. Held out: {', '.join('+'.join(t) for t in held)}. "
              f"Pre-training {cfg['steps']} steps (lr of each pre-trained model: the best of {lr_grid(cfg)} on a "
              f"separate tuning seed: {lrs}); fine-tuning {cfg['finetune_steps']} steps on the K examples (all "
              f"weights, lr {cfg['finetune_lr']}). MoE: every block, {cfg['num_experts']} experts, top-1; "
-             f"{seconds:.0f} s.", "", f"Chance accuracy is 1/{V} = {1 / V:.2f}."]
+             f"{took}.", "", f"Chance accuracy is 1/{V} = {1 / V:.2f}."]
     write_results(path, "E3 — unseen tasks (claim ii)",
                   [("Held-out task test accuracy after K-shot fine-tuning", table), ("Paired comparisons", verdicts)],
                   notes)
@@ -142,7 +160,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
         log(c.sentence())
     save_results(path, dict(experiment="e3", preset=preset, config=cfg,
                             values={f"{m} | K={K}": v for (m, K), v in acc.items()}, lrs=lrs,
-                            comparisons=comparisons, seconds=seconds, backend=backend))
+                            comparisons=comparisons, backend=backend, **timer.record()))
     return {"dir": path, "table": table + "\n\n" + verdicts, "rows": rows, "comparisons": comparisons,
             "seconds": seconds}
 

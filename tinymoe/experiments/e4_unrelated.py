@@ -54,55 +54,78 @@ def unrelated_tasks(cfg, seed):
                                                                            seed=seed, kind=kind)]
 
 
-def run(preset="small", seeds=None, out=None, log=print) -> dict:
-    from ..train import evaluate, fit
+def setting(cfg, seed) -> dict:
+    """This seed's tasks (base, then unrelated) and datasets: base-only and mixed training sets (as many unrelated
+    as base examples in the mixture), base validation and base test."""
+    L, V, B = cfg["seq_len"], cfg["vocab"], len(cfg["base"])
+    unrelated = unrelated_tasks(cfg, seed)
+    tasks, U, n = [*cfg["base"], *unrelated], len(unrelated), cfg["n_per_task"]
+    n_unrel = -(-n * B // U)  # as many unrelated as base examples in the mixture
 
+    def data(counts, s):
+        return sequence_tasks(tasks, counts, L, V, seed=s)
+
+    return dict(tasks=tasks, base_train=data([n] * B + [0] * U, seed),
+                mixed_train=data([n] * B + [n_unrel] * U, 100 + seed),
+                base_val=data([max(n // 10, 1)] * B + [0] * U, 10_000 + seed),
+                test=data([cfg["n_test"]] * B + [0] * U, 20_000 + seed))
+
+
+def base_accuracy(model, data, cfg) -> float:
+    from ..train import evaluate
+
+    per_task = evaluate(model, data)["per_task"]
+    return float(np.mean([per_task["+".join(t)] for t in cfg["base"]]))
+
+
+def phase1(arm, cfg, lr, seed, s):
+    """The model of `arm` trained on the base tasks of setting `s` (phase 1)."""
+    from ..train import fit
+
+    model = sequence_model(arm, len(s["tasks"]), cfg["vocab"], cfg["seq_len"], cfg, seed, task_parts=s["tasks"])
+    fit(model, s["base_train"], s["base_val"], optim_config(cfg, seed, lr=lr), seed=seed)
+    return model
+
+
+def forgetting(arm, cfg, lr, seed, s=None) -> tuple[float, float, float]:
+    """Mean base-task test accuracy of `arm` (after phase 1, continued on base only, continued on base + unrelated
+    at twice the batch); Δ is the third minus the second. The sweep of claim (iii) (e9_sweep_unrelated) calls this
+    at every scale point."""
+    from ..train import fit
+
+    s = s or setting(cfg, seed)
+    model = phase1(arm, cfg, lr, seed, s)
+    before = base_accuracy(model, s["test"], cfg)
+    checkpoint = _copy_state(model)
+    steps = cfg["steps_after"]
+    fit(model, s["base_train"], s["base_val"], optim_config(cfg, seed, steps, lr), seed=seed)
+    only_base = base_accuracy(model, s["test"], cfg)
+    model.load_state_dict(checkpoint)
+    fit(model, s["mixed_train"], s["base_val"], optim_config(cfg, seed, steps, lr, batch_size=2 * cfg["batch_size"]),
+        seed=seed)
+    return before, only_base, base_accuracy(model, s["test"], cfg)
+
+
+def run(preset="small", seeds=None, out=None, log=print) -> dict:
     cfg = preset_config(PRESETS, preset, seeds)
     path, timer = run_dir("e4_unrelated", out), Timer()
-    L, V, B = cfg["seq_len"], cfg["vocab"], len(cfg["base"])
     arms = cfg["arms"]
     base_names = ["+".join(t) for t in cfg["base"]]
-
-    def setting(seed):
-        unrelated = unrelated_tasks(cfg, seed)
-        tasks, U, n = [*cfg["base"], *unrelated], len(unrelated), cfg["n_per_task"]
-        n_unrel = -(-n * B // U)  # as many unrelated as base examples in the mixture
-
-        def data(counts, s):
-            return sequence_tasks(tasks, counts, L, V, seed=s)
-
-        return dict(tasks=tasks, base_train=data([n] * B + [0] * U, seed),
-                    mixed_train=data([n] * B + [n_unrel] * U, 100 + seed),
-                    base_val=data([n // 10] * B + [0] * U, 10_000 + seed),
-                    test=data([cfg["n_test"]] * B + [0] * U, 20_000 + seed))
-
-    def base_accuracy(model, data):
-        per_task = evaluate(model, data)["per_task"]
-        return float(np.mean([per_task[name] for name in base_names]))
-
-    def phase1(arm, lr, seed, s):
-        model = sequence_model(arm, len(s["tasks"]), V, L, cfg, seed, task_parts=s["tasks"])
-        fit(model, s["base_train"], s["base_val"], optim_config(cfg, seed, lr=lr), seed=seed)
-        return model
 
     before, only_base, with_unrel = ({a: [] for a in arms} for _ in range(3))
     with fastest_backend() as backend:
         log(f"E4 ({preset}): backend {backend}, {cfg['seeds']} seeds, lr grid {lr_grid(cfg)}")
-        lrs = tune_lr(arms, lambda arm, lr, seed: base_accuracy(phase1(arm, lr, seed, setting(seed)),
-                                                                setting(seed)["base_val"]), cfg, log)
+
+        def tuning_score(arm, lr, seed):
+            s = setting(cfg, seed)
+            return base_accuracy(phase1(arm, cfg, lr, seed, s), s["base_val"], cfg)
+
+        lrs = tune_lr(arms, tuning_score, cfg, log)
         for seed in range(cfg["seeds"]):
-            s = setting(seed)
+            s = setting(cfg, seed)
             for arm in arms:
-                model = phase1(arm, lrs[arm], seed, s)
-                before[arm].append(base_accuracy(model, s["test"]))
-                checkpoint = _copy_state(model)
-                steps = cfg["steps_after"]
-                fit(model, s["base_train"], s["base_val"], optim_config(cfg, seed, steps, lrs[arm]), seed=seed)
-                only_base[arm].append(base_accuracy(model, s["test"]))
-                model.load_state_dict(checkpoint)
-                fit(model, s["mixed_train"], s["base_val"],
-                    optim_config(cfg, seed, steps, lrs[arm], batch_size=2 * cfg["batch_size"]), seed=seed)
-                with_unrel[arm].append(base_accuracy(model, s["test"]))
+                for store, value in zip((before, only_base, with_unrel), forgetting(arm, cfg, lrs[arm], seed, s)):
+                    store[arm].append(value)
                 log(f"  seed {seed} {arm}: base accuracy {before[arm][-1]:.3f} -> base only "
                     f"{only_base[arm][-1]:.3f}, + unrelated {with_unrel[arm][-1]:.3f}")
 
@@ -112,7 +135,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     table = markdown_table(["arm", "base acc. after phase 1", "continued on base only",
                             "continued on base + unrelated", "Δ (unrelated − base only)", "lr (tuned)"], rows)
     verdicts = comparison_table(comparisons)
-    seconds = timer.seconds
+    seconds, took = timer.seconds, timer.describe()
     unrel = ", ".join(f"{num} {kind}" for kind, num in cfg["unrelated"].items())
     notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds, mean ± std over seeds; backend {backend}. Base tasks: "
              f"{', '.join(base_names)} ({cfg['n_per_task']} examples each); unrelated tasks: {unrel} (as many "
@@ -120,7 +143,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
              f"continuation: {cfg['steps_after']} steps (fresh Adam), base only at batch {cfg['batch_size']}, "
              f"base + unrelated at batch {2 * cfg['batch_size']} (exposure-matched). Transformer d_model="
              f"{cfg['d_model']}, d_ff={cfg['d_ff']}; MoE: every block, {cfg['num_experts']} experts, top-1; lr of "
-             f"each arm: the best of {lr_grid(cfg)} on a separate tuning seed; {seconds:.0f} s."]
+             f"each arm: the best of {lr_grid(cfg)} on a separate tuning seed; {took}."]
     write_results(path, "E4 — adding unrelated tasks (claim iii)",
                   [("Mean base-task test accuracy", table), ("Paired comparisons of Δ", verdicts)], notes)
     interval_plot(path, "e4_unrelated.png", "E4: Δ (forgetting), paired differences", comparisons)
@@ -128,7 +151,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
         log(c.sentence())
     save_results(path, dict(experiment="e4", preset=preset, config=cfg, values=delta, before=before,
                             only_base=only_base, with_unrelated=with_unrel, lrs=lrs, comparisons=comparisons,
-                            seconds=seconds, backend=backend))
+                            backend=backend, **timer.record()))
     return {"dir": path, "table": table + "\n\n" + verdicts, "rows": rows, "comparisons": comparisons,
             "seconds": seconds}
 

@@ -15,7 +15,8 @@ from ..data import clustered_synthetic, train_val_test_split
 from .common import (Timer, adjusted_rand_index, comparison_table, fastest_backend, fmt, markdown_table,
                      partition_from_sets, preset_config, run_dir, save_results, write_results)
 from .e1_gates import fit_model, permutation_null_ari, pick_generator, selected_sets
-from .stats import HOLDS, compare
+from .stats import compare
+from .sweep import holds_from
 from ..plots import save_figure
 
 PRESETS = {
@@ -61,13 +62,9 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
             for (T, E), c in zip(gain, comparisons)]
     table = markdown_table(["tasks T", "clusters", "experts E", "ARI − null (mean ± std)", "mean [95 % t CI]",
                             "verdict"], rows)
-    lines = []
-    for E in cfg["experts"]:
-        held = [T for T in cfg["tasks"] if next(c for (t, e), c in zip(gain, comparisons) if (t, e) == (T, E))
-                .verdict == HOLDS]
-        first = next((T for T in cfg["tasks"] if all(t in held for t in cfg["tasks"] if t >= T)), None)
-        lines.append(f"E={E}: " + (f"holds from T={first} on (up to T={max(cfg['tasks'])})" if first is not None
-                                   else f"not seen up to T={max(cfg['tasks'])}"))
+    verdict_of = {key: c.verdict for key, c in zip(gain, comparisons)}
+    lines = [f"E={E}: " + holds_from(cfg["tasks"], [verdict_of[(T, E)] for T in cfg["tasks"]], "T")
+             for E in cfg["experts"]]
     seconds = timer.seconds
     notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds (each setting's ARI minus its permutation-null ARI, "
              f"so each row is its own primary comparison, uncorrected); backend {backend}; generator seed {generator}"

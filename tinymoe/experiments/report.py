@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 
+from ..checkpoint import write_atomic
 from .stats import Comparison
 
 # (paper, claim, experiment, the claim string its primary comparison carries) — one row per claim of both papers
@@ -29,16 +29,24 @@ CLAIMS = [
      "multi-digits)", "e5", "DSelect-k beats Top-k on real multi-task image data"),
     ("Gupta et al. 2022", "(i) task-aware routing helps a low-resource task through related tasks", "e2",
      "(i) task-aware routing helps a low-resource task"),
+    ("Gupta et al. 2022", "… (i) against the number of tasks (4 → 16 → 32), experts (4 → 16) and data per related "
+     "task", "e7", "(i) task-aware routing helps a low-resource task (scale sweep)"),
     ("Gupta et al. 2022", "(ii) unseen tasks: reusing the routing of seen tasks generalises sample-efficiently",
      "e3", "(ii) unseen tasks: reusing seen routing generalises sample-efficiently"),
+    ("Gupta et al. 2022", "… (ii) against the number of seen tasks (4 → 16 → 32), experts (4 → 16) and data per "
+     "seen task", "e8", "(ii) unseen tasks: reusing seen routing generalises sample-efficiently (scale sweep)"),
     ("Gupta et al. 2022", "(iii) adding unrelated tasks hurts task-aware MoE less (robustness)", "e4",
      "(iii) adding unrelated tasks hurts task-aware MoE less"),
+    ("Gupta et al. 2022", "… (iii) against the number of unrelated tasks added (4 → 16 → 32), experts (4 → 16) and "
+     "data per base task", "e9", "(iii) adding unrelated tasks hurts task-aware MoE less (scale sweep)"),
 ]
 NAMES = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits",
-         "e6": "e6_scale"}
+         "e6": "e6_scale", "e7": "e7_sweep_transfer", "e8": "e8_sweep_unseen", "e9": "e9_sweep_unrelated"}
 TITLES = {"e1": "E1 — gates on synthetic multi-task regression", "e2": "E2 — low-resource transfer (claim i)",
           "e3": "E3 — unseen tasks (claim ii)", "e4": "E4 — adding unrelated tasks (claim iii)",
-          "e5": "E5 — gates on multi-digit images", "e6": "E6 — cluster recovery against scale"}
+          "e5": "E5 — gates on multi-digit images", "e6": "E6 — cluster recovery against scale",
+          "e7": "E7 — claim (i) against scale", "e8": "E8 — claim (ii) against scale",
+          "e9": "E9 — claim (iii) against scale"}
 
 
 def run_folder(root, name, preset):
@@ -69,10 +77,12 @@ def summary_rows(results):
             continue
         c = primary[0]
         if res.get("summary"):  # a sweep: one verdict per setting, summarised as "holds from N on" / "not seen"
-            intervals = "; ".join(f"{p.arm.split(', ', 1)[1]}: {p.interval(2)}" for p in primary)
-            rows.append([claim, paper, f"{c.arm.split(',')[0]} − {c.baseline} ({c.metric}), per setting",
-                         f"{intervals}; {c.seeds} seeds each", "; ".join(p.scale for p in primary[-1:]) +
-                         " (largest)", "; ".join(res["summary"])])
+            settings = res.get("settings") or [p.arm.split(", ", 1)[1] for p in primary]  # E6: "arm, T=4, E=4"
+            intervals = "; ".join(f"{s}: {p.interval(2)}" for s, p in zip(settings, primary))
+            tried = res.get("scale_tried") or "; ".join(p.scale for p in primary[-1:]) + " (largest)"
+            arm = res.get("arm") or c.arm.split(",")[0]
+            rows.append([claim, paper, f"{arm} − {c.baseline} ({c.metric}), per setting",
+                         f"{intervals}; {c.seeds} seeds each", tried, "; ".join(res["summary"])])
             continue
         rows.append([claim, paper, f"{c.arm} − {c.baseline} ({c.metric})", f"{c.interval()}, {c.seeds} seeds",
                      c.scale, f"**{c.verdict}**"])
@@ -119,7 +129,15 @@ def build(results, preset, doc_dir) -> str:
               "active FLOPs, the equal-parameter dense model and the task-blind router are secondary rows in E4. "
               "Where a tuned lr sits at the edge of the grid, a wider grid could move the numbers. In the plots each "
               "comparison is drawn with its 95 % CI, signed so that right favours the claim; * marks a secondary "
-              "comparison; green holds, red contradicted, grey cannot tell.", ""]
+              "comparison; green holds, red contradicted, grey cannot tell.", "",
+              "**Reading the sweep rows** (E6–E9). A sweep repeats its claim's pre-declared comparison at every "
+              "setting of a scale axis with the other axes at a base point (one axis at a time), each setting on its "
+              "own paired seeds with its own interval and verdict (uncorrected: each is the primary comparison at "
+              "its scale). Along an axis, read from the smallest value up, the claim *holds from N on* when it holds "
+              "at N and at every larger value tried, and is *not seen up to N* otherwise; a contradicted setting is "
+              "named. The sweeps reuse the tuned lr of the experiment they extend instead of tuning per setting, and "
+              "train for the same steps at every setting, so a larger mixture also means fewer updates per task.",
+              ""]
     ran = [n for n in NAMES if n in results]
     missing = [n for n in NAMES if n not in results]
     lines += [f"Ran at preset `{preset}`: {', '.join(ran) or 'none'}" +
@@ -136,16 +154,23 @@ def build(results, preset, doc_dir) -> str:
             body = f.read().split("\n", 1)[1].strip()  # drop the file's own title
         lines += [("\n" + body).replace("\n## ", "\n### ").strip(), ""]
         for png in sorted(p for p in os.listdir(folder) if p.endswith(".png")):
-            target = os.path.join(doc_dir, "results", png)
-            shutil.copyfile(os.path.join(folder, png), target)
+            with open(os.path.join(folder, png), "rb") as f:
+                write_atomic(os.path.join(doc_dir, "results", png), f.read())
             lines += [f"![{png}](results/{png})", ""]
-        lines += [f"Ran in {res['seconds']:.0f} s (wall clock; a 2-core CPU shared with other jobs) on the backend "
-                  f"`{res['backend']}` "
+        lines += [f"Ran in {_took(res)} on the backend `{res['backend']}` "
                   f"(`tinymoe experiment {name} --preset {preset} --backend {res['backend']}`).", ""]
-    lines += ["## What is not here yet", "",
-              "* Scale sweeps for claims (i)–(iii) (tasks, experts, data per related task): only cluster recovery "
-              "has one (E6); every other verdict is for the one scale in its row.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _took(res) -> str:
+    """'412 s wall clock, 388 s CPU (load average 2.9 -> 3.4; a 2-core CPU shared with other jobs)'; runs saved
+    before CPU time was recorded give the wall clock only."""
+    text = f"{res['seconds']:.0f} s wall clock"
+    if res.get("cpu_seconds") is not None:
+        load = res.get("load") or [float("nan")] * 2
+        return (text + f", {res['cpu_seconds']:.0f} s CPU (load average {load[0]:.1f} -> {load[1]:.1f}; a 2-core "
+                f"CPU shared with other jobs; the CPU seconds are what it takes with a core to itself)")
+    return text + " (a 2-core CPU shared with other jobs)"
 
 
 def report(preset="small", root=os.path.join("runs", "experiments"), doc=os.path.join("docs", "results.md"),
@@ -161,11 +186,18 @@ def report(preset="small", root=os.path.join("runs", "experiments"), doc=os.path
             res["_dir"] = run_folder(root, name, preset)
             results[name] = res
     text = build(results, preset, os.path.dirname(doc) or ".")
-    with open(doc, "w") as f:
-        f.write(text)
+    write_atomic(doc, text.encode())
     for paper, claim, name, key in CLAIMS:
         primary = [c for c in results.get(name, {}).get("comparisons", []) if c.primary and c.claim == key]
-        log(primary[0].sentence() if primary else f"{claim}: not run")
+        summary = results.get(name, {}).get("summary")
+        if not primary:
+            log(f"{claim}: not run")
+        elif summary:  # a sweep: every setting's verdict, then where along each axis the claim shows
+            for c in primary:
+                log(c.sentence())
+            log(f"{key}: " + "; ".join(summary))
+        else:
+            log(primary[0].sentence())
     log(f"wrote {doc}")
     return text
 
