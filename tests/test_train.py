@@ -614,3 +614,14 @@ def test_fit_with_progress_bar_on(tty, monkeypatch, capsys):
     err = capsys.readouterr().err
     if tty:
         assert "loss=" in err  # the bar's postfix shows the task loss
+
+
+def test_a_diverging_run_stops_with_one_error_and_no_numpy_warnings(recwarn):
+    # lr 1e4 blows the weights up within a few steps: fit must stop it with TrainingDiverged (naming the step and
+    # the lr), and NumPy's overflow / invalid-value RuntimeWarnings must not flood the console before it does.
+    splits = tab_splits(200)
+    model = MultiGateMoE(8, 8, 4, 2, gate="softmax", seed=0)
+    with pytest.raises(TrainingDiverged, match=r"at step \d+ \(lr") as err:
+        fit(model, splits["train"], None, OptimConfig(steps=200, batch_size=16, lr=1e4, warmup_steps=0, seed=0))
+    assert "lower the lr" in str(err.value)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]

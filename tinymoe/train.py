@@ -312,7 +312,9 @@ def fit(model, train, val=None, optim: OptimConfig | None = None, seed=None, *, 
     model.train()
     started = time.perf_counter()
     try:
-        with backends.session():  # e.g. numba: NumPy's BLAS on one thread, the cores to the expert kernels
+        # numba: NumPy's BLAS on one thread, the cores to the expert kernels. NumPy's overflow/invalid warnings are
+        # off: a diverging run is caught by its non-finite loss or gradient norm and stopped with one clear error.
+        with backends.session(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_path, metrics_file, bar, log,
                   started, parallel)
     finally:
@@ -367,9 +369,9 @@ def _loop(model, train, val, optim, opt, batches, state, best, history, ckpt_pat
         clip = O.clip_grad_norm if parallel is None else (lambda _, norm: parallel.clip_grad_norm(norm))
         try:
             grad_norm = clip(model.parameters(), optim.grad_clip) if optim.grad_clip else None
-        except FloatingPointError as e:  # a finite loss with an inf/NaN gradient: diverged all the same
-            raise TrainingDiverged(f"fit: {e} at step {step} (lr {opt.lr:.3g}); lower the lr, or check the data for "
-                                   "NaNs") from None
+        except FloatingPointError:  # a finite loss with an inf/NaN gradient: diverged all the same
+            raise TrainingDiverged(f"fit: the gradient norm is not finite at step {step} (lr {opt.lr:.3g}) although "
+                                   f"the loss is {value:.4g}; lower the lr, or check the data for NaNs") from None
         opt.step()
         state.step += 1
         state.loss_sum, state.loss_count = state.loss_sum + task_value, state.loss_count + 1
