@@ -157,7 +157,7 @@ class Tensor:
                     f"backward: output has shape {self.shape}; pass grad= of that shape or reduce it to a scalar"
                 )
             grad = self.xp.ones_like(self.data)
-        grad = _as_array(grad, self.dtype)
+        grad = _as_array(grad, self.dtype).copy()  # ours: it may become a leaf's .grad, which clipping scales in place
         if grad.shape != self.shape:
             raise ValueError(f"backward: grad shape {grad.shape} does not match tensor shape {self.shape}")
 
