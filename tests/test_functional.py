@@ -139,6 +139,22 @@ def test_logsumexp_against_the_direct_formula(case, keepdims):
     grad_of(lambda t: F.logsumexp(t, axis=axis, keepdims=keepdims), x)
 
 
+@pytest.mark.parametrize("name", ["relu", "gelu", "silu"])
+@given(x=arrays(shapes(1, 2)))
+def test_value_and_grad_equals_the_activation_and_its_derivative(name, x):
+    """The expert FFN's backward takes act(h) and act'(h) together (shared work done once): the same values as
+    the two separate functions, in float64 and float32."""
+    from tinymoe.activations import ACTIVATIONS, VALUE_AND_GRAD
+
+    fwd, grad = ACTIVATIONS[name]
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-6)):
+        v = x.astype(dtype)
+        value, slope = VALUE_AND_GRAD[name](v)
+        assert value.dtype == dtype and slope.dtype == dtype
+        np.testing.assert_allclose(value, fwd(v), rtol=tol, atol=tol)
+        np.testing.assert_allclose(slope, grad(v), rtol=tol, atol=tol)
+
+
 # ---------------------------------------------------------------- normalisation
 
 

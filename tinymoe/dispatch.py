@@ -22,7 +22,8 @@ import math
 
 import numpy as np
 
-from .activations import get_activation
+from .activations import VALUE_AND_GRAD, get_activation
+from .arrays import array_module
 
 
 def capacity(capacity_factor, num_tokens, k, num_experts):
@@ -88,38 +89,45 @@ def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
     """Each expert's FFN on its contiguous rows: out = act(xs·W1[e] + b1[e])·W2[e] + b2[e].
 
     xs (R, d), w1 (E, d, f), b1 (E, f), w2 (E, f, d_out), b2 (E, d_out) -> out (R, d_out) and the pre-activation
-    h (R, f), saved for backward. Experts with no rows are skipped.
+    h (R, f), saved for backward. Experts with no rows are skipped. Each GEMM writes into its rows of h and out
+    (`out=`), and the bias is added there in place: no temporary the size of an expert's rows, no copy.
     """
     act, _ = get_activation(activation)
-    h = np.empty((xs.shape[0], w1.shape[2]), dtype=xs.dtype)
-    out = np.empty((xs.shape[0], w2.shape[2]), dtype=xs.dtype)
+    xp = array_module(xs)
+    h = xp.empty((xs.shape[0], w1.shape[2]), dtype=xs.dtype)
+    out = xp.empty((xs.shape[0], w2.shape[2]), dtype=xs.dtype)
     for e in range(w1.shape[0]):
         s, t = offsets[e], offsets[e + 1]
         if s == t:
             continue
-        h[s:t] = xs[s:t] @ w1[e] + b1[e]
-        out[s:t] = act(h[s:t]) @ w2[e] + b2[e]
+        xp.matmul(xs[s:t], w1[e], out=h[s:t])
+        h[s:t] += b1[e]  # h = xs·W1 + b1
+        xp.matmul(act(h[s:t]), w2[e], out=out[s:t])
+        out[s:t] += b2[e]  # out = act(h)·W2 + b2
     return out, h
 
 
 def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     """Adjoint of expert_ffn. Returns dxs (R, d), dw1, db1, dw2, db2 (zeros for experts with no rows)."""
-    act, act_grad = get_activation(activation)
-    dxs = np.empty_like(xs)
+    get_activation(activation)  # validates the name
+    act_and_grad = VALUE_AND_GRAD[activation]
+    xp = array_module(xs)
+    dxs = xp.empty_like(xs)
     E, f, d_out = w2.shape
-    dw1, db1 = np.zeros_like(w1), np.zeros((E, f), dtype=w1.dtype)
-    dw2, db2 = np.zeros_like(w2), np.zeros((E, d_out), dtype=w2.dtype)
+    dw1, db1 = xp.zeros_like(w1), xp.zeros((E, f), dtype=w1.dtype)
+    dw2, db2 = xp.zeros_like(w2), xp.zeros((E, d_out), dtype=w2.dtype)
     for e in range(E):
         s, t = offsets[e], offsets[e + 1]
         if s == t:
             continue
-        a = act(h[s:t])  # recomputed from the saved pre-activation
-        dw2[e] = a.T @ dout[s:t]
+        a, slope = act_and_grad(h[s:t])  # act(h) and act'(h), recomputed from the saved pre-activation
+        xp.matmul(a.T, dout[s:t], out=dw2[e])  # dW2 = aᵀ·dout
         db2[e] = dout[s:t].sum(axis=0)
-        dh = (dout[s:t] @ w2[e].T) * act_grad(h[s:t])
-        dw1[e] = xs[s:t].T @ dh
+        dh = dout[s:t] @ w2[e].T
+        dh *= slope  # dh = (dout·W2ᵀ) ⊙ act'(h)
+        xp.matmul(xs[s:t].T, dh, out=dw1[e])  # dW1 = xsᵀ·dh
         db1[e] = dh.sum(axis=0)
-        dxs[s:t] = dh @ w1[e].T
+        xp.matmul(dh, w1[e].T, out=dxs[s:t])  # dxs = dh·W1ᵀ
     return dxs, dw1, db1, dw2, db2
 
 
