@@ -286,10 +286,18 @@ def time_config(name, contenders, repeat, warmup, settle, threads):
     return row
 
 
+def _vm_hwm_bytes():
+    """This process's peak resident set (VmHWM in /proc/self/status). Not getrusage's ru_maxrss: that one is
+    kept across fork + exec, so a child started by a big benchmark process reported the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_child(contender, name, threads, steps=3):
     """Run in a subprocess: peak RSS growth over the RSS after building the model, in MB."""
-    import resource
-
     set_threads(threads)
     if contender == "numba":
         tm.backends.load("numba").warmup()
@@ -299,7 +307,7 @@ def memory_child(contender, name, threads, steps=3):
         rss0 = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     for tokens, targets in data:
         runner.step(tokens, targets)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_hwm_bytes()
     return max(peak - rss0, 0) / 2**20
 
 
