@@ -16,25 +16,26 @@ optimizer step: gradients may accumulate, the caller zeroes them afterwards).
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 
-def fastest(step, candidates=None, trials=3, warmup=1) -> str:
-    """The name of the candidate backend (default: every available one) with the shortest median `step()` time
-    (`step_times`). Ties go to the earlier candidate (the NumPy reference first in `available()`). One
-    candidate: returned without running anything."""
+def fastest(step, candidates=None, trials=5, warmup=1) -> str:
+    """The name of the candidate backend (default: every available one) whose fastest timed `step()` was the
+    shortest (`step_times`). The minimum, not the median: on a busy machine a step that lost its core to another
+    process for a scheduler slice (milliseconds) measures the scheduler, not the backend, and a small model's
+    step times split into two groups far apart; their median picks a side by chance. Ties go to the earlier
+    candidate (the NumPy reference first in `available()`). One candidate: returned without running anything."""
     from . import available
 
     names = list(available() if candidates is None else candidates)
     if len(names) == 1:
         return names[0]
     times = step_times(step, names, trials, warmup)
-    return min(names, key=times.__getitem__)
+    return min(names, key=lambda name: min(times[name]))
 
 
-def step_times(step, candidates=None, trials=3, warmup=1) -> dict:
-    """Median `step()` seconds per candidate backend (default: every available one).
+def step_times(step, candidates=None, trials=5, warmup=1) -> dict:
+    """Every timed `step()`, in seconds, per candidate backend (default: every available one): {name: [s, ...]}.
 
     Each candidate first runs `warmup` untimed steps (compilation, first-touch allocation); then the candidates
     take turns, one timed step each per round, for `trials` rounds.
@@ -57,4 +58,4 @@ def step_times(step, candidates=None, trials=3, warmup=1) -> dict:
                 t0 = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
