@@ -1,9 +1,9 @@
 """Activation functions on raw arrays, each with its derivative: the one definition of each in the library.
 
 These are shared by the engine (`Tensor.sigmoid`, `Tensor.relu`), `tinymoe.functional` (which wraps them as
-differentiable Tensor ops) and the grouped expert FFN in `tinymoe.dispatch` (which recomputes the derivative from
-the saved pre-activation in backward). GELU is the tanh approximation (Hendrycks & Gimpel 2016, eq. in §2; the
-form GPT-2 and BERT use): NumPy has no erf, and the tanh form is within 1e-3 of the exact one. The numba backend
+differentiable Tensor ops) and the grouped expert FFN in `tinymoe.dispatch` (which recomputes the activation and
+its derivative from the saved pre-activation in backward, both at once through `VALUE_AND_GRAD`). GELU is the tanh
+approximation (Hendrycks & Gimpel 2016, eq. in §2; the form GPT-2 and BERT use): NumPy has no erf, and the tanh form is within 1e-3 of the exact one. The numba backend
 keeps scalar twins of gelu, silu, relu and sigmoid for its fused loops (backends/numba/_ffn.py);
 tests/test_numba_twins.py checks each equals the one here.
 """
