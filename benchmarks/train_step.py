@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # demo, medium and big configs
     python benchmarks/train_step.py --configs demo medium --repeat 7 --json results.json
     python benchmarks/train_step.py --no-torch --no-memory
+    python benchmarks/train_step.py --configs demo medium --busy 1   # with one extra process spinning on a core
 
 A step is what `tinymoe.train.fit` runs: forward, cross-entropy + the weighted auxiliary losses (load balance,
 z-loss), backward, global-norm gradient clip (1.0), AdamW. The PyTorch twin has the same architecture (pre-norm
@@ -20,7 +21,10 @@ the bound its FLOPs allow at this process's sgemm rate (a (2048, 512)·(512, 204
 the optimizer (clip + AdamW) time of every contender.
 
 Peak memory (--memory, on by default): each contender runs a few steps in a fresh subprocess; the number is the
-growth of the peak resident set over the resident set after building the model (MB).
+growth of the peak resident set (VmHWM) over the resident set after building the model (MB).
+
+--busy N starts N processes that spin on the CPUs for the timed part (not for the memory children): how each
+contender degrades when another job keeps cores busy.
 """
 from __future__ import annotations
 
@@ -286,10 +290,30 @@ def time_config(name, contenders, repeat, warmup, settle, threads):
     return row
 
 
+def _vm_hwm_bytes():
+    """This process's peak resident set (VmHWM in /proc/self/status). Not getrusage's ru_maxrss: that one is
+    kept across fork + exec, so a child started by a big benchmark process reported the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+@contextlib.contextmanager
+def busy_processes(count):
+    """`count` child processes that spin (`while 1: pass`) until the block ends: another job keeping cores busy."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def memory_child(contender, name, threads, steps=3):
     """Run in a subprocess: peak RSS growth over the RSS after building the model, in MB."""
-    import resource
-
     set_threads(threads)
     if contender == "numba":
         tm.backends.load("numba").warmup()
@@ -299,7 +323,7 @@ def memory_child(contender, name, threads, steps=3):
         rss0 = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     for tokens, targets in data:
         runner.step(tokens, targets)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_hwm_bytes()
     return max(peak - rss0, 0) / 2**20
 
 
@@ -342,6 +366,8 @@ def main(argv=None):
     ap.add_argument("--settle", type=float, default=0.3, help="pause (s) before each contender's step")
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="keep N extra processes spinning on the CPUs while timing (degrades-gracefully check)")
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
     ap.add_argument("--_memory-child", nargs=2, dest="memory_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -360,18 +386,21 @@ def main(argv=None):
     rows = []
     for name in args.configs:
         repeat = args.repeat or {"demo": 15, "medium": 5, "big": 3}[name]
-        row = time_config(name, contenders, repeat, args.warmup, args.settle, args.threads)
+        with busy_processes(args.busy):
+            row = time_config(name, contenders, repeat, args.warmup, args.settle, args.threads)
+        row["busy_processes"] = args.busy
         if args.memory:
             row["peak_mb"] = {c: peak_memory(c, name, args.threads) for c in contenders}
         rows.append(row)
         log(f"{name}: " + ", ".join(f"{c} {1e3 * t:.1f} ms" for c, t in row["median_s"].items()))
     with open("/proc/loadavg") as fh:
         load_after = fh.read().split()[:3]
-    log(f"\nthreads {args.threads}, sgemm {rate / 1e9:.1f} GFLOP/s at the start (ffn/bound uses each config's "
+    busy = f", {args.busy} busy-loop processes while timing" if args.busy else ""
+    log(f"\nthreads {args.threads}{busy}, sgemm {rate / 1e9:.1f} GFLOP/s at the start (ffn/bound uses each config's "
         f"rounds' median), load before {' '.join(load_before)}, after {' '.join(load_after)}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     log(format_rows(rows))
-    result = {"rows": rows, "threads": args.threads, "sgemm_flops": rate, "loadavg_before": load_before,
+    result = {"rows": rows, "threads": args.threads, "busy_processes": args.busy, "sgemm_flops": rate, "loadavg_before": load_before,
               "loadavg_after": load_after, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.json:
         text = json.dumps(result, indent=1, default=float)

@@ -139,6 +139,22 @@ def test_logsumexp_against_the_direct_formula(case, keepdims):
     grad_of(lambda t: F.logsumexp(t, axis=axis, keepdims=keepdims), x)
 
 
+@pytest.mark.parametrize("name", ["relu", "gelu", "silu"])
+@given(x=arrays(shapes(1, 2)))
+def test_value_and_grad_equals_the_activation_and_its_derivative(name, x):
+    """The expert FFN's backward takes act(h) and act'(h) together (shared work done once): the same values as
+    the two separate functions, in float64 and float32."""
+    from tinymoe.activations import ACTIVATIONS, VALUE_AND_GRAD
+
+    fwd, grad = ACTIVATIONS[name]
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-6)):
+        v = x.astype(dtype)
+        value, slope = VALUE_AND_GRAD[name](v)
+        assert value.dtype == dtype and slope.dtype == dtype
+        np.testing.assert_allclose(value, fwd(v), rtol=tol, atol=tol)
+        np.testing.assert_allclose(slope, grad(v), rtol=tol, atol=tol)
+
+
 # ---------------------------------------------------------------- normalisation
 
 
@@ -163,6 +179,49 @@ def test_layer_norm_output_has_zero_mean_unit_variance_without_affine():
     y = F.layer_norm(Tensor(x)).data
     np.testing.assert_allclose(y.mean(-1), 0.0, atol=1e-12)
     np.testing.assert_allclose(y.var(-1), 1.0, rtol=1e-5)  # var/(var + eps) with eps = 1e-5
+
+
+@given(x=arrays(shapes(1, 3)), data=st.data())
+def test_layer_norm_without_weight_or_bias_grad(x, data):
+    """The fused node's gradient when weight, bias or both are left out."""
+    w = data.draw(arrays((x.shape[-1],)))
+    np.testing.assert_allclose(F.layer_norm(Tensor(x), bias=Tensor(w)).data, layer_norm_ref(x, 1.0, w, 1e-5),
+                               rtol=1e-10, atol=1e-10)
+    check_grad(lambda t: scalarize(F.layer_norm(t)), [x], atol=1e-5, rtol=1e-4)
+    check_grad(lambda t, u: scalarize(F.layer_norm(t, u)), [x, w], atol=1e-5, rtol=1e-4)
+    check_grad(lambda t, v: scalarize(F.layer_norm(t, bias=v)), [x, w], atol=1e-5, rtol=1e-4)
+
+
+def test_layer_norm_is_one_node_that_frees_its_input_intermediates():
+    """The whole normalisation is one graph node whose parents are x, weight and bias (no full-size
+    intermediates of the composed form stay alive until backward)."""
+    x = Tensor(np.ones((3, 4)), requires_grad=True)
+    w, b = Tensor(np.ones(4), requires_grad=True), Tensor(np.zeros(4), requires_grad=True)
+    y = F.layer_norm(x, w, b)
+    assert y._op == "layer_norm" and set(map(id, y._parents)) == {id(x), id(w), id(b)}
+
+
+@given(x=arrays(shapes(2, 3)), data=st.data())
+def test_linear_equals_matmul_plus_bias_and_grad(x, data):
+    n = data.draw(st.integers(1, 4))
+    w = data.draw(arrays((x.shape[-1], n)))
+    b = data.draw(arrays((n,)))
+    y = F.linear(Tensor(x, requires_grad=True), Tensor(w), Tensor(b))
+    assert y._op == "linear"  # one node: the product before the bias is not kept
+    np.testing.assert_allclose(y.data, x @ w + b, rtol=1e-10, atol=1e-10)
+    check_grad(lambda t, u, v: scalarize(F.linear(t, u, v)), [x, w, b], atol=1e-5, rtol=1e-4)
+
+
+def test_linear_falls_back_to_the_composed_form():
+    """1-D inputs, no bias, and a bias whose dtype would change the product's take the composed path, with the
+    composed path's result dtype."""
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((3, 4)), rng.standard_normal(4)
+    y = F.linear(Tensor(x, requires_grad=True), Tensor(w.astype(np.float32)), Tensor(b, dtype=np.float64))
+    assert y.dtype == np.float64 and y._op != "linear"
+    np.testing.assert_allclose(y.data, x @ w.astype(np.float32) + b, rtol=1e-6)
+    assert F.linear(Tensor(x[0]), Tensor(w)).shape == (4,)
+    assert F.linear(Tensor(x), Tensor(w)).shape == (2, 4)
 
 
 def test_layer_norm_vjp_on_a_big_input():

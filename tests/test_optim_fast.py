@@ -114,3 +114,43 @@ def test_clip_scales_gradients_that_share_memory_once():
     np.testing.assert_allclose(a.grad, shared / math.sqrt(50), rtol=1e-5)
     np.testing.assert_allclose(b.grad, shared / math.sqrt(50), rtol=1e-5)
     np.testing.assert_array_equal(shared, [3.0, 4.0])
+
+
+def test_numpy_adam_on_blocks_is_bitwise_the_whole_array_update(monkeypatch):
+    """The NumPy update runs on cache-sized blocks of the flat arrays; being elementwise, it must give bitwise
+    the result of one pass over whole arrays (non-contiguous arrays take the whole-array path)."""
+    import tinymoe.optim as optim
+
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((300, 301)).astype(np.float32)
+    grads = [rng.standard_normal(start.shape).astype(np.float32) for _ in range(3)]
+    runs = []
+    for block in (1000, 10**9):  # 1000 does not divide 90 300: a short last block
+        monkeypatch.setattr(optim, "BLOCK", block)
+        p = Parameter(start.copy())
+        opt = AdamW([p], lr=1e-2, weight_decay=0.1)
+        with tm.use_backend("numpy"):
+            for g in grads:
+                p.grad = g.copy()
+                opt.step()
+        runs.append((p.data, opt.state["exp_avg"][0], opt.state["exp_avg_sq"][0]))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_clip_scales_unshared_gradients_in_place():
+    a, b = _param(np.array([3.0, 4.0], np.float32)), _param(np.array([0.0, 12.0], np.float32))
+    ga = a.grad
+    assert clip_grad_norm([a, b], max_norm=1.0) == pytest.approx(13.0)
+    assert a.grad is ga  # scaled where it lies: no second copy of every gradient
+    np.testing.assert_allclose(ga, [3 / 13, 4 / 13], rtol=1e-5)
+    np.testing.assert_allclose(b.grad, [0.0, 12 / 13], rtol=1e-5)
+
+
+def test_backward_seed_gradient_is_not_the_callers_array():
+    """backward(grad=g) copies g: it may end up as a leaf's .grad, which clipping scales in place."""
+    x = Parameter(np.ones(3, np.float32))
+    seed = np.full(3, 10.0, np.float32)
+    (x + 0.0).backward(seed)
+    clip_grad_norm([x], max_norm=1.0)
+    np.testing.assert_array_equal(seed, [10.0, 10.0, 10.0])

@@ -663,3 +663,26 @@ def test_checkers_refuse_float32_inputs_and_non_scalar_outputs():
         check_grad(lambda t: t.sum(), [np.ones(3, np.float32)])
     with pytest.raises(ValueError, match="scalar"):
         check_grad(lambda t: t * 2.0, [np.ones(3)])
+
+
+def test_backward_frees_each_intermediate_once_it_has_passed_it():
+    """Peak memory: an intermediate nobody else holds is freed as soon as backward has run its node, not at
+    the end of backward (the topological order list must not keep it)."""
+    import weakref
+
+    x = Tensor(np.ones(4), requires_grad=True)
+    a = x * 2.0
+    b = a.exp()
+    c = b.sum()
+    b_alive = weakref.ref(b)
+    del b
+    inner, seen = a._backward, []
+
+    def spy(g):  # a's node runs after b's
+        seen.append(b_alive() is not None)
+        inner(g)
+
+    a._backward = spy
+    c.backward()
+    assert seen == [False]
+    np.testing.assert_allclose(x.grad, 2 * np.exp(2.0))

@@ -38,3 +38,36 @@ def test_torch_twin_computes_the_same_loss():
     twin = bench.TorchRunner("demo")
     assert twin.num_parameters() == ours.model.num_parameters()
     assert twin.step(tokens, targets) == pytest.approx(ours.step(tokens, targets), rel=1e-5)
+
+
+def test_peak_memory_is_the_childs_own_not_the_parents():
+    """getrusage's ru_maxrss survives fork + exec: a child of a big process reported the parent's size."""
+    import numpy as np
+
+    bench = _load()
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB resident in this (the parent) process
+    mb = bench.peak_memory("numpy", "demo", 1)
+    assert ballast[-1] == 1.0
+    assert mb is not None and 0 < mb < 200  # the demo model's steps take a few MB
+
+
+def test_busy_processes_spin_only_inside_the_block():
+    import subprocess
+
+    bench = _load()
+
+    seen = []
+    original = subprocess.Popen
+
+    class Recording(original):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    bench.subprocess.Popen = Recording
+    try:
+        with bench.busy_processes(2):
+            assert len(seen) == 2 and all(p.poll() is None for p in seen)  # running
+    finally:
+        bench.subprocess.Popen = original
+    assert all(p.poll() is not None for p in seen)  # killed and reaped

@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .activations import get_activation
+from .activations import VALUE_AND_GRAD, get_activation
 from .arrays import array_module, to_host
 
 
@@ -101,7 +101,8 @@ def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
     """Each expert's FFN on its contiguous rows: out = act(xs·W1[e] + b1[e])·W2[e] + b2[e].
 
     xs (R, d), w1 (E, d, f), b1 (E, f), w2 (E, f, d_out), b2 (E, d_out) -> out (R, d_out) and the pre-activation
-    h (R, f), saved for backward. Experts with no rows are skipped.
+    h (R, f), saved for backward. Experts with no rows are skipped. Each GEMM writes into its rows of h and out
+    (`out=`), and the bias is added there in place: no temporary the size of an expert's rows, no copy.
     """
     act, _ = get_activation(activation)
     xp, bounds = array_module(xs), to_host(offsets).tolist()  # offsets: host ints (see route)
@@ -111,14 +112,17 @@ def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
         s, t = bounds[e], bounds[e + 1]
         if s == t:
             continue
-        h[s:t] = xs[s:t] @ w1[e] + b1[e]
-        out[s:t] = act(h[s:t]) @ w2[e] + b2[e]
+        xp.matmul(xs[s:t], w1[e], out=h[s:t])
+        h[s:t] += b1[e]  # h = xs·W1 + b1
+        xp.matmul(act(h[s:t]), w2[e], out=out[s:t])
+        out[s:t] += b2[e]  # out = act(h)·W2 + b2
     return out, h
 
 
 def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     """Adjoint of expert_ffn. Returns dxs (R, d), dw1, db1, dw2, db2 (zeros for experts with no rows)."""
-    act, act_grad = get_activation(activation)
+    get_activation(activation)  # validates the name
+    act_and_grad = VALUE_AND_GRAD[activation]
     xp, bounds = array_module(xs), to_host(offsets).tolist()
     dxs = xp.empty_like(xs)
     E, f, d_out = w2.shape
@@ -128,13 +132,14 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
         s, t = bounds[e], bounds[e + 1]
         if s == t:
             continue
-        a = act(h[s:t])  # recomputed from the saved pre-activation
-        dw2[e] = a.T @ dout[s:t]
+        a, slope = act_and_grad(h[s:t])  # act(h) and act'(h), recomputed from the saved pre-activation
+        xp.matmul(a.T, dout[s:t], out=dw2[e])  # dW2 = aᵀ·dout
         db2[e] = dout[s:t].sum(axis=0)
-        dh = (dout[s:t] @ w2[e].T) * act_grad(h[s:t])
-        dw1[e] = xs[s:t].T @ dh
+        dh = dout[s:t] @ w2[e].T
+        dh *= slope  # dh = (dout·W2ᵀ) ⊙ act'(h)
+        xp.matmul(xs[s:t].T, dh, out=dw1[e])  # dW1 = xsᵀ·dh
         db1[e] = dh.sum(axis=0)
-        dxs[s:t] = dh @ w1[e].T
+        xp.matmul(dh, w1[e].T, out=dxs[s:t])  # dxs = dh·W1ᵀ
     return dxs, dw1, db1, dw2, db2
 
 

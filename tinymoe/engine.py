@@ -189,7 +189,7 @@ class Tensor:
                     f"backward: output has shape {self.shape}; pass grad= of that shape or reduce it to a scalar"
                 )
             grad = self.xp.ones_like(self.data)
-        grad = _as_array(grad, self.dtype)
+        grad = _as_array(grad, self.dtype).copy()  # ours: it may become a leaf's .grad, which clipping scales in place
         if grad.shape != self.shape:
             raise ValueError(f"backward: grad shape {grad.shape} does not match tensor shape {self.shape}")
 
@@ -207,7 +207,8 @@ class Tensor:
             stack.extend((p, False) for p in node._parents if id(p) not in seen)
         # 2. seed and run each op's backward closure from the output down
         self._accumulate(grad)
-        for node in reversed(order):
+        while order:  # output first; popping drops the list's hold, so a passed node's arrays can be freed now
+            node = order.pop()
             if node._backward is not None and node.grad is not None:
                 node._backward(node.grad)
                 if node._parents:  # free intermediate gradients and the graph; leaves keep theirs
@@ -474,13 +475,17 @@ def _matmul_backward(a, b):
     return _backward
 
 
-def _rows_matmul(a, b):
+def _rows_matmul(a, b, bias=None):
     """(..., k) @ (k, n) as one GEMM on the flattened rows (..., k) -> (N, k), and so its adjoint: db = a2ᵀ·g2 is
     one (k, N)·(N, n) product, where the batched form made one small product per leading index and then summed
-    a (batch, k, n) temporary over the batch."""
+    a (batch, k, n) temporary over the batch. A `bias` (n,) of the product's dtype is added in place (`linear`)."""
     rows, n = int(np.prod(a.shape[:-1])), b.shape[-1]
     a2 = a.data.reshape(rows, a.shape[-1])  # (N, k); a copy only when a is not contiguous (e.g. permuted)
-    out = a._make((a2 @ b.data).reshape(a.shape[:-1] + (n,)), (a, b), "matmul")
+    data = a2 @ b.data  # (N, n)
+    if bias is not None:
+        data += bias.data
+    parents = (a, b) if bias is None else (a, b, bias)
+    out = a._make(data.reshape(a.shape[:-1] + (n,)), parents, "matmul" if bias is None else "linear")
 
     def _backward(g):
         g2 = g.reshape(rows, n)  # (N, n)
@@ -488,6 +493,8 @@ def _rows_matmul(a, b):
             a._accumulate((g2 @ b.data.T).reshape(a.shape))
         if b.requires_grad:
             b._accumulate(a2.T @ g2)
+        if bias is not None and bias.requires_grad:
+            bias._accumulate(g2.sum(axis=0))
 
     out._backward = _backward
     return out
@@ -496,6 +503,23 @@ def _rows_matmul(a, b):
 # ---- functions over several tensors ---------------------------------------------------------------------------
 def tensor(data, requires_grad=False, dtype=None):
     return data if isinstance(data, Tensor) and dtype is None else Tensor(data, requires_grad, dtype)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight + bias, weight (in, out), bias (out,) or None. One node for (..., in) inputs: the bias is added
+    into the product in place, so the product before the bias is not kept alive for backward (the composed
+    `x @ weight + bias` keeps both full-size arrays)."""
+    x, weight = tensor(x), tensor(weight)
+    bias = None if bias is None else tensor(bias)
+    check_device("linear", x, weight)
+    if bias is not None:
+        check_device("linear (bias)", x, bias)
+    fused = (x.ndim >= 2 and weight.ndim == 2 and x.shape[-1] == weight.shape[0] and bias is not None
+             and bias.shape == (weight.shape[1],) and np.result_type(x.dtype, weight.dtype) == bias.dtype)
+    if not fused:
+        y = x @ weight
+        return y if bias is None else y + bias
+    return _rows_matmul(x, weight, bias)
 
 
 def concatenate(tensors, axis=0):

@@ -1,16 +1,19 @@
 """Functional ops: one lowercase function per op, on Tensors.
 
 Most are compositions of the engine's primitives (so their gradients come for free and are right by
-construction). Fused, with a hand-written gradient, only where stability or speed needs it:
+construction). Fused, with a hand-written gradient, only where stability, speed or memory needs it:
 * softmax, log_softmax, logsumexp: subtract the max first (stability), and one-pass gradients (speed);
+* layer_norm: one node that keeps only x̂ and 1/σ for backward (memory: the composed form kept five arrays);
 * gelu, silu, softplus: elementwise with their closed-form derivative (speed; see `tinymoe.activations`).
 """
 from __future__ import annotations
 
+import numpy as np
 
 from . import activations as A
 from .arrays import host_min_max
-from .engine import Tensor, check_device, concatenate, maximum, stack, tensor, where  # noqa: F401  (re-exported)
+from .engine import (Tensor, check_device, concatenate, linear, maximum, stack, tensor, unbroadcast,  # noqa: F401
+                     where)  # (re-exported)
 
 
 def _elementwise(x, forward, derivative, name):
@@ -93,15 +96,50 @@ def logsumexp(x, axis=-1, keepdims=False):
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """(x - mean) / sqrt(var + eps) over the last axis, then * weight + bias (Ba et al. 2016)."""
+    """(x - mean) / sqrt(var + eps) over the last axis, then * weight + bias (Ba et al. 2016, eq. 4 and 5).
+
+    One graph node with the closed-form gradient, as PyTorch's layer_norm: it keeps x̂ = (x - μ)·r, r = 1/σ, for
+    backward, where the composed form kept five full-size intermediates alive until backward. With ĝ = g·weight,
+
+        dx = r · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂)),   dweight = Σ g·x̂,   dbias = Σ g   (Σ over the leading axes)
+    """
     x = tensor(x)
-    centred = x - x.mean(axis=-1, keepdims=True)
-    y = centred / ((centred * centred).mean(axis=-1, keepdims=True) + eps).sqrt()
-    if weight is not None:
-        y = y * weight
+    weight = None if weight is None else tensor(weight)
+    bias = None if bias is None else tensor(bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_device(f"layer_norm ({name})", x, t)
+    xp = x.xp
+    xhat = x.data - x.data.mean(axis=-1, keepdims=True)  # centred, normalised in place below
+    r = 1.0 / xp.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat *= r
+    y = xhat if weight is None else xhat * weight.data
     if bias is not None:
-        y = y + bias
-    return y
+        y = y + bias.data if y is xhat else _add_into(y, bias.data)
+    out = x._make(y, tuple(t for t in (x, weight, bias) if t is not None), "layer_norm")
+
+    def _backward(g):
+        if x.requires_grad:
+            gw = g if weight is None else g * weight.data
+            dx = gw - gw.mean(axis=-1, keepdims=True)
+            dx -= xhat * (gw * xhat).mean(axis=-1, keepdims=True)
+            dx *= r
+            x._accumulate(unbroadcast(dx, x.shape))
+        if weight is not None and weight.requires_grad:
+            weight._accumulate(unbroadcast(g * xhat, weight.shape))
+        if bias is not None and bias.requires_grad:
+            bias._accumulate(unbroadcast(g, bias.shape))
+
+    out._backward = _backward
+    return out
+
+
+def _add_into(y, b):
+    """y + b, in place when the result keeps y's shape and dtype (y is a fresh array of this op)."""
+    if np.result_type(y.dtype, b.dtype) == y.dtype and np.broadcast_shapes(y.shape, b.shape) == y.shape:
+        y += b
+        return y
+    return y + b
 
 
 def rms_norm(x, weight=None, eps=1e-6):

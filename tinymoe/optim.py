@@ -7,6 +7,7 @@ needs one host synchronisation per step (the global norm, a single number).
 """
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -119,31 +120,49 @@ class Adam(Optimizer):
         fused = _backend_kernel("adam_step")
         if fused is not None and fused(p.data, g, m, v, b1, b2, self.eps, step_size, inv_root_bc2, decay):
             return  # done in one pass (a kernel returns False for arrays it does not take)
-        t = self._scratch_like(p.data)
-        xp.multiply(g, 1 - b1, out=t)
-        m *= b1
-        m += t  # m = β₁m + (1 - β₁)g
-        xp.multiply(g, g, out=t)
-        t *= 1 - b2
-        v *= b2
-        v += t  # v = β₂v + (1 - β₂)g²
-        xp.sqrt(v, out=t)
-        t *= inv_root_bc2
-        t += self.eps  # √v̂ + ε
-        xp.divide(m, t, out=t)
-        t *= step_size  # lr · m̂ / (√v̂ + ε)
-        if decay != 1.0:
-            p.data *= decay
-        p.data -= t
+        for pb, gb, mb, vb in _blocks(p.data, g, m, v):
+            t = self._scratch_like(pb)
+            xp.multiply(gb, 1 - b1, out=t)
+            mb *= b1
+            mb += t  # m = β₁m + (1 - β₁)g
+            xp.multiply(gb, gb, out=t)
+            t *= 1 - b2
+            vb *= b2
+            vb += t  # v = β₂v + (1 - β₂)g²
+            xp.sqrt(vb, out=t)
+            t *= inv_root_bc2
+            t += self.eps  # √v̂ + ε
+            xp.divide(mb, t, out=t)
+            t *= step_size  # lr · m̂ / (√v̂ + ε)
+            if decay != 1.0:
+                pb *= decay
+            pb -= t
 
     def _scratch_like(self, a):
         """A scratch array of a's shape and dtype, carved from one flat buffer kept between steps."""
         xp = array_module(a)
         if self._scratch is None or self._scratch.size < a.size or self._scratch.dtype != a.dtype \
                 or array_module(self._scratch) is not xp:
-            largest = max(p.data.size for p in self.params if p.dtype == a.dtype)
-            self._scratch = xp.empty(max(largest, a.size), dtype=a.dtype)
+            self._scratch = xp.empty(max(BLOCK, a.size), dtype=a.dtype)
         return self._scratch[: a.size].reshape(a.shape)
+
+
+BLOCK = 1 << 15  # elements: the NumPy Adam step runs on blocks this long, so that its ~12 passes hit the cache
+
+
+def _blocks(*arrays):
+    """Matching blocks of at most BLOCK elements of same-shaped arrays (flat views when all are C-contiguous).
+
+    The in-place NumPy update passes over its arrays about twelve times; on blocks of 128 KiB (float32) those
+    passes stay in the core's cache, and each array crosses the memory bus about once, as in a fused kernel
+    (AdamW on a 138M-parameter model: ~590 ms on whole arrays). The update is elementwise, so the result is
+    bitwise the same as on whole arrays."""
+    if arrays[0].size <= BLOCK or not all(a.flags.c_contiguous for a in arrays):
+        yield arrays
+        return
+    flat = [a.reshape(-1) for a in arrays]
+    for start in range(0, flat[0].size, BLOCK):
+        yield tuple(a[start:start + BLOCK] for a in flat)
 
 
 class AdamW(Adam):
@@ -161,7 +180,9 @@ def clip_grad_norm(params, max_norm):
     Each gradient's squared norm is a dot product in its own dtype (BLAS: no float64 copy of every gradient),
     computed where the gradient is; the norms come to the host together, in one copy (one synchronisation on a
     GPU). Should a float32 one overflow, underflow or be NaN, that gradient is summed again in float64, so the
-    total is exact enough where it matters and a NaN or inf gradient still raises."""
+    total is exact enough where it matters and a NaN or inf gradient still raises. Gradients are scaled in place
+    (as PyTorch's clip_grad_norm_), except where two of them share memory (one op can hand the same array to two
+    inputs): those get a scaled copy, so that nothing is scaled twice."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -170,10 +191,22 @@ def clip_grad_norm(params, max_norm):
         raise FloatingPointError(f"clip_grad_norm: the gradient norm is {total}; lower the learning rate or check the loss")
     if total > max_norm:
         scale = max_norm / (total + 1e-6)
+        owners = collections.Counter(id(_owner(g)) for g in grads)
         for p in params:
-            if p.grad is not None:
-                p.grad = p.grad * scale  # a new array: gradients may share memory (one op's g sent to two inputs)
+            if p.grad is None:
+                continue
+            if owners[id(_owner(p.grad))] > 1 or not getattr(p.grad.flags, "writeable", True):
+                p.grad = p.grad * scale  # a new array: this memory is also another parameter's gradient
+            else:
+                p.grad *= scale
     return total
+
+
+def _owner(a):
+    """The array that owns a's memory (a itself unless a is a view)."""
+    while getattr(a, "base", None) is not None:
+        a = a.base
+    return a
 
 
 def _squared_norms(grads) -> list[float]:
