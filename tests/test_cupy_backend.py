@@ -16,7 +16,6 @@ every gradient) against the NumPy reference on drawn shapes and routings (empty 
 token, capacity overflow, k = E, ties, one token), bitwise-equal reruns, and a whole training step on the GPU
 equal to the CPU one within float32 tolerance. Nothing here claims a kernel ran unless it ran.
 """
-import contextlib
 import importlib.util
 import inspect
 import os
@@ -34,7 +33,7 @@ import tinymoe.backends.cupy as cupy_backend  # unconditional: an import error o
 from tinymoe import dispatch as D
 from tinymoe.activations import ACTIVATIONS
 from tinymoe.backends.cupy import _gemm, _kernels
-from cupy_standin import HostArray, HostCublas  # noqa: E402
+from cupy_standin import HostArray, host_cublas  # noqa: E402
 from test_backends import assert_close, assert_same, expert_weights, routings  # noqa: E402
 
 GPU = "cupy" in tm.backends.available()
@@ -49,10 +48,30 @@ def test_module_offers_every_primitive_with_the_reference_signature():
     assert set(_kernels.KERNELS) <= set(_kernels.SOURCE.replace("(", " ").split())
 
 
-def test_importing_tinymoe_never_imports_cupy():
+NO_CUPY_IMPORT = """
+import importlib.util, sys
+assert importlib.util.find_spec("cupy").origin.startswith(sys.argv[1]), "the planted cupy is not the one found"
+import numpy as np
+import tinymoe as tm
+import tinymoe.cli, tinymoe.moe_ops, tinymoe.train  # noqa: E401
+layer = tm.nn.MoE(4, 8, 2, k=1, seed=0)
+layer(tm.Tensor(np.ones((3, 4), np.float32))).sum().backward()  # a forward and backward on the host
+assert "cupy" not in sys.modules, "cupy was imported"
+"""
+
+
+def test_importing_tinymoe_never_imports_cupy(tmp_path):
+    """With a `cupy` importable (a planted empty one, so the check bites where CuPy is not installed too; it imports
+    cleanly, so a `try: import cupy` would not hide it), importing tinymoe, its CLI and training code and running an
+    MoE layer on the host never import it."""
+    planted = tmp_path / "cupy"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("PLANTED = True  # an empty stand-in: importing it is the error\n")
     env = {key: value for key, value in os.environ.items() if key != "TINYMOE_BACKEND"}
-    code = "import sys, tinymoe; import tinymoe.moe_ops; assert 'cupy' not in sys.modules, 'cupy imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-c", NO_CUPY_IMPORT, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _nvrtc_missing():
@@ -79,18 +98,6 @@ def test_kernel_sources_compile_with_nvrtc(arch):
 
 
 # ------------------------------------------------------------------------------------------------ GEMM bookkeeping
-@contextlib.contextmanager
-def host_cublas():
-    """_gemm.gemm calling HostCublas (and a stand-in `cupy` for its handle) inside the block."""
-    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(device=types.SimpleNamespace(
-        get_cublas_handle=lambda: 0)))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "cupy", fake_cupy)
-        mp.setattr(_gemm, "_cublas", HostCublas())
-        HostCublas.calls = 0
-        yield HostCublas
-
-
 @given(counts=st.lists(st.integers(0, 5), min_size=1, max_size=6), equal=st.booleans(), d=st.integers(1, 4),
        f=st.integers(1, 5), dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16))
 @settings(max_examples=25)
