@@ -434,20 +434,28 @@ def check_bitwise(routing, dtype, seed):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def _train_step(device, steps=2):
-    """Loss and parameters (host) after `steps` AdamW steps (forward, loss + aux, backward, clip) of a small model."""
-    import cupy
+def _train_step(device, steps=2, dtype=np.float32):
+    """Loss and parameters (host) after `steps` AdamW steps (forward, loss + aux, backward, clip) of a small model.
 
+    AdamW's eps is 1e-4, not 1e-8: some gradients are exactly 0 in exact arithmetic (the attention keys' bias: the
+    softmax over keys ignores a shift shared by every key) and only rounding noise in float32, ~1e-9, which Adam with
+    eps 1e-8 turns into a step of ±lr, so two correct implementations that round differently (GPU and CPU) would
+    differ by ~lr there. With eps 1e-4 such noise moves a weight by < 1e-7, while real gradients (~1e-3 after
+    clipping) still take steps of ~lr: a gradient 10 % off is still caught (test_step_tolerance_holds_...)."""
     import tinymoe.functional as F
+    from tinymoe.arrays import to_host
 
     cfg = tm.ModelConfig(vocab_size=12, max_seq_len=8, d_model=32, n_layers=2, n_heads=4, d_ff=64, num_experts=4,
                          k=2, moe_every=1, num_tasks=2, seed=3)
-    model = tm.MoETransformer(cfg).to(device)
-    xp = cupy if device == "cupy" else np
+    model = tm.MoETransformer(cfg).to(dtype).to(device)
+    if device == "cupy":
+        import cupy as xp
+    else:
+        xp = np
     rng = np.random.default_rng(0)
     tokens, targets = (xp.asarray(rng.integers(0, 12, (6, 8))) for _ in range(2))
     task_ids = xp.asarray(rng.integers(0, 2, 6))
-    opt = tm.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    opt = tm.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, eps=1e-4)
     losses = []
     for _ in range(steps):
         loss = F.cross_entropy(model(tokens, task_ids=task_ids), targets) + model.aux_loss()
@@ -456,18 +464,47 @@ def _train_step(device, steps=2):
         tm.optim.clip_grad_norm(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.item()))
-    return losses, {n: cupy.asnumpy(p.data) for n, p in model.named_parameters()}
+    return losses, {n: to_host(p.data) for n, p in model.named_parameters()}
+
+
+def assert_same_step(got, want):
+    """Two runs of _train_step agree within float32 rounding: losses to 1e-4 relative, weights to 1e-3 relative
+    plus 1e-4 (a wrong gradient moves a weight by ~lr = 1e-2)."""
+    (got_losses, got_params), (want_losses, want_params) = got, want
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-4)
+    for name in want_params:
+        np.testing.assert_allclose(got_params[name], want_params[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_step_tolerance_holds_between_float32_and_float64_and_catches_a_wrong_gradient(monkeypatch):
+    """The GPU test's tolerance, checked without a GPU: a float32 run on the host differs from the float64 run (the
+    exact answer, near enough) by less than it, as a float32 run on the GPU must; a run whose expert-bias gradient is
+    10 % off does not (on every run, the clipping step scales that gradient)."""
+    with tm.use_backend("numpy"):
+        exact = _train_step("cpu", dtype=np.float64)
+        exact = (exact[0], {name: p.astype(np.float32) for name, p in exact[1].items()})
+        assert_same_step(_train_step("cpu"), exact)
+        clip = tm.optim.clip_grad_norm
+
+        def wrong(params, max_norm):
+            for p in params:
+                if p.grad is not None and p.shape == (4, 32):  # the experts' output biases b2 (E, d_model)
+                    p.grad = p.grad * 0.9
+            return clip(params, max_norm)
+
+        monkeypatch.setattr(tm.optim, "clip_grad_norm", wrong)
+        with pytest.raises(AssertionError):
+            assert_same_step(_train_step("cpu"), exact)
 
 
 @needs_gpu
 def test_training_step_on_gpu_equals_cpu():
     with tm.use_backend("numpy"):
-        cpu_losses, cpu = _train_step("cpu")
+        cpu = _train_step("cpu")
     with tm.use_backend("cupy"):
-        gpu_losses, gpu = _train_step("cupy")
-        again_losses, again = _train_step("cupy")
-    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-4)
-    for name in cpu:  # after 2 AdamW steps of lr 1e-2: a wrong gradient moves a weight by ~1e-2, rounding by far less
-        np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-3, atol=1e-4, err_msg=name)
-        assert gpu[name].tobytes() == again[name].tobytes(), f"{name}: two GPU runs differ"
-    assert gpu_losses == again_losses
+        gpu = _train_step("cupy")
+        again = _train_step("cupy")
+    assert_same_step(gpu, cpu)
+    for name in cpu[1]:
+        assert gpu[1][name].tobytes() == again[1][name].tobytes(), f"{name}: two GPU runs differ"
+    assert gpu[0] == again[0]
