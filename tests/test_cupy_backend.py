@@ -210,6 +210,25 @@ def test_cupy_with_a_gpu_but_no_cublas_says_so(fresh_registry, monkeypatch):
     assert "cannot load cuBLAS" in why and "tinymoe[cuda12]" in why
 
 
+def test_cupy_with_a_gpu_and_cublas_but_no_nvrtc_says_so(fresh_registry, monkeypatch):
+    """Without NVRTC every kernel would fail at its first launch, mid-training: the registry says so up front."""
+    _pretend_cupy(monkeypatch, lambda: 1)
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
+
+    def no_nvrtc():  # CuPy links NVRTC at run time: the module imports, its first call fails
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open shared object file")
+
+    libs.nvrtc = types.SimpleNamespace(getVersion=no_nvrtc)
+    for name in ("cupy_backends", "cupy_backends.cuda"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
+    why = tm.backends.unavailable()["cupy"]
+    assert "cannot load NVRTC" in why and "compiles the backend's kernels" in why and "tinymoe[cuda12]" in why
+    with pytest.raises(tm.backends.BackendUnavailable, match="NVRTC"):
+        tm.set_backend("cupy")
+
+
 class _DeviceArray:
     """Looks like a CuPy array to the registry (its type's module is cupy's)."""
 
