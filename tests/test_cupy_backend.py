@@ -7,9 +7,11 @@ On every machine (CI included):
 * its row-major GEMM bookkeeping (transpose flags, leading dimensions, per-expert offsets, the strided-batched
   path) against NumPy, through a stand-in for cuBLAS that follows cuBLAS's documented column-major contract on host
   memory;
-* the registry: no CuPy / CuPy without a GPU give the reason and the install command; `auto` picks cupy when a GPU
-  is usable; `for_arrays` sends device arrays to cupy and host arrays to a host backend, and refuses a mix;
-  `tinymoe train --set backend=cupy` without a GPU exits 2 with one line naming the install command.
+* the registry: no CuPy / CuPy without a GPU / without cuBLAS or NVRTC give the reason and the install command;
+  `auto` picks cupy when a GPU is usable; `for_arrays` sends device arrays to cupy and host arrays to a host
+  backend, and refuses a mix; `tinymoe train --set backend=cupy` without a GPU exits 2 with one line naming the
+  install command; importing tinymoe never imports cupy (a planted one shows it);
+* the GPU step test's tolerance: a float32 step on the host is within it of the float64 step, a wrong gradient not.
 
 On a GPU (skipped here with the registry's reason): every primitive and the whole `tm.nn.MoE` layer (output and
 every gradient) against the NumPy reference on drawn shapes and routings (empty experts, one expert taking every
