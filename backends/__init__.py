@@ -73,11 +73,16 @@ def _probe_cupy():
     if count == 0:
         return (f"CuPy is installed but this machine has no NVIDIA GPU; the cupy backend needs one "
                 f"({_INSTALL['cupy']}); here use 'numba' or 'numpy'")
-    try:
-        from cupy_backends.cuda.libs import cublas  # noqa: F401  (the expert GEMMs call cuBLAS directly)
-    except Exception as e:
-        return (f"CuPy sees a GPU but cannot load cuBLAS ({str(e).splitlines()[0] if str(e) else e!r}); install the "
-                f"CUDA libraries as wheels with {_INSTALL['cupy']}, or the CUDA toolkit")
+    for lib, use in (("cublas", "the expert GEMMs call it directly"), ("nvrtc", "it compiles the backend's kernels")):
+        try:  # CuPy loads its CUDA libraries (from the wheels of [ctk], else the system) when first used: do it here
+            module = getattr(importlib.import_module("cupy_backends.cuda.libs"), lib)  # as `from ... import cublas`
+            if lib == "nvrtc":
+                module.getVersion()  # NVRTC is linked at run time: only a call finds out whether it is there
+        except Exception as e:
+            name = {"cublas": "cuBLAS", "nvrtc": "NVRTC"}[lib]
+            return (f"CuPy sees a GPU but cannot load {name}, which the cupy backend needs ({use}): "
+                    f"{str(e).splitlines()[0] if str(e) else repr(e)}; install the CUDA libraries as wheels with "
+                    f"{_INSTALL['cupy']}, or the CUDA toolkit")
     return None
 
 

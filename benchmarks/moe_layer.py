@@ -141,6 +141,22 @@ def t_bound(flops, p_dense, num_experts, weight_bytes, act_bytes, copy_bandwidth
     return max(flops / p_dense, (num_experts * weight_bytes + act_bytes) / copy_bandwidth)
 
 
+def bound_columns(shape, mode, backward, m, dense, itemsize, copy_bandwidth) -> dict:
+    """One mode's ("fwd" or "fwdbwd") columns of a result row: the MoE and dense times and their ratio, the
+    dense-equivalent FLOPs and the rate P_dense they ran at, t_bound and the ratios against it, and the dispatch
+    stages' time and share. m, dense: median seconds per stage/mode of the MoE backend and of the dense baseline."""
+    flops = dense_flops(shape.T, shape.k, shape.d, shape.f, backward=backward)
+    p_dense = flops / dense[mode]
+    wbytes = expert_weight_bytes(shape.d, shape.f, itemsize) * (3 if backward else 1)
+    abytes = activation_bytes(shape.T, shape.k, shape.d, shape.f, itemsize, backward=backward)
+    tb = t_bound(flops, p_dense, shape.E, wbytes, abytes, copy_bandwidth)
+    dispatch_s = sum(m[s] for s in (DISPATCH_STAGES if backward else DISPATCH_STAGES[:3]))
+    return {f"moe_{mode}_s": m[mode], f"dense_{mode}_s": dense[mode], f"ratio_{mode}": m[mode] / dense[mode],
+            f"flops_{mode}": flops, f"p_dense_{mode}": p_dense, f"t_bound_{mode}_s": tb,
+            f"bound_ratio_{mode}": tb / dense[mode], f"tbound_ratio_{mode}": m[mode] / tb,
+            f"dispatch_{mode}_s": dispatch_s, f"dispatch_share_{mode}": dispatch_s / m[mode]}
+
+
 def measure_copy_bandwidth(nbytes=128 * 2**20, repeat=5):
     """Bytes/s of a large np.copyto (single-threaded), counted STREAM-style: read + written bytes."""
     src = np.ones(nbytes // 4, dtype=np.float32)
@@ -528,20 +544,8 @@ def bench_shape(shape, modules, *, repeat, warmup, activation, torch_on, layer, 
                    repeat=repeat, warmup=warmup, settle_s=settle,
                    copy_bandwidth=copy_bw)
         for mode, bwd in (("fwd", False), ("fwdbwd", True)):
-            flops = dense_flops(shape.T, shape.k, shape.d, shape.f, backward=bwd)
-            p_dense = flops / dense[mode]
-            wbytes = expert_weight_bytes(shape.d, shape.f, itemsize) * (3 if bwd else 1)
-            abytes = activation_bytes(shape.T, shape.k, shape.d, shape.f, itemsize, backward=bwd)
-            tb = t_bound(flops, p_dense, shape.E, wbytes, abytes, copy_bw)
-            stages = DISPATCH_STAGES if bwd else DISPATCH_STAGES[:3]
-            dispatch_s = sum(m[s] for s in stages)
-            row.update({
-                f"moe_{mode}_s": m[mode], f"dense_{mode}_s": dense[mode], f"ratio_{mode}": m[mode] / dense[mode],
-                f"flops_{mode}": flops, f"p_dense_{mode}": p_dense, f"t_bound_{mode}_s": tb,
-                f"bound_ratio_{mode}": tb / dense[mode], f"tbound_ratio_{mode}": m[mode] / tb,
-                f"dispatch_{mode}_s": dispatch_s, f"dispatch_share_{mode}": dispatch_s / m[mode],
-                f"numpy_{mode}_s": ref[mode], f"vs_numpy_{mode}": m[mode] / ref[mode],
-            })
+            row.update(bound_columns(shape, mode, bwd, m, dense, itemsize, copy_bw))
+            row.update({f"numpy_{mode}_s": ref[mode], f"vs_numpy_{mode}": m[mode] / ref[mode]})
             if "torch" in med:
                 row.update({f"torch_{mode}_s": med["torch"][mode], f"vs_torch_{mode}": m[mode] / med["torch"][mode],
                             f"torch_dense_{mode}_s": med["torch_dense"][mode]})
@@ -808,19 +812,7 @@ def bench_gpu_shape(shape, be, *, repeat, warmup, activation, torch_on, copy_bw,
                rows_per_expert=shape.rows_per_expert, dtype=np.dtype(DTYPE).name, tf32=_gemm.tf32(),
                activation=activation, repeat=repeat, warmup=warmup, copy_bandwidth=copy_bw)
     for mode, bwd in (("fwd", False), ("fwdbwd", True)):
-        flops = dense_flops(shape.T, shape.k, shape.d, shape.f, backward=bwd)
-        p_dense = flops / dense[mode]
-        wbytes = expert_weight_bytes(shape.d, shape.f, itemsize) * (3 if bwd else 1)
-        abytes = activation_bytes(shape.T, shape.k, shape.d, shape.f, itemsize, backward=bwd)
-        tb = t_bound(flops, p_dense, shape.E, wbytes, abytes, copy_bw)
-        stages = DISPATCH_STAGES if bwd else DISPATCH_STAGES[:3]
-        dispatch_s = sum(m[s] for s in stages)
-        row.update({
-            f"moe_{mode}_s": m[mode], f"dense_{mode}_s": dense[mode], f"ratio_{mode}": m[mode] / dense[mode],
-            f"flops_{mode}": flops, f"p_dense_{mode}": p_dense, f"t_bound_{mode}_s": tb,
-            f"bound_ratio_{mode}": tb / dense[mode], f"tbound_ratio_{mode}": m[mode] / tb,
-            f"dispatch_{mode}_s": dispatch_s, f"dispatch_share_{mode}": dispatch_s / m[mode],
-        })
+        row.update(bound_columns(shape, mode, bwd, m, dense, itemsize, copy_bw))
         if "torch" in med:
             row.update({f"torch_{mode}_s": med["torch"][mode], f"vs_torch_{mode}": m[mode] / med["torch"][mode],
                         f"torch_dense_{mode}_s": med["torch_dense"][mode]})

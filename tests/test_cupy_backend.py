@@ -7,16 +7,17 @@ On every machine (CI included):
 * its row-major GEMM bookkeeping (transpose flags, leading dimensions, per-expert offsets, the strided-batched
   path) against NumPy, through a stand-in for cuBLAS that follows cuBLAS's documented column-major contract on host
   memory;
-* the registry: no CuPy / CuPy without a GPU give the reason and the install command; `auto` picks cupy when a GPU
-  is usable; `for_arrays` sends device arrays to cupy and host arrays to a host backend, and refuses a mix;
-  `tinymoe train --set backend=cupy` without a GPU exits 2 with one line naming the install command.
+* the registry: no CuPy / CuPy without a GPU / without cuBLAS or NVRTC give the reason and the install command;
+  `auto` picks cupy when a GPU is usable; `for_arrays` sends device arrays to cupy and host arrays to a host
+  backend, and refuses a mix; `tinymoe train --set backend=cupy` without a GPU exits 2 with one line naming the
+  install command; importing tinymoe never imports cupy (a planted one shows it);
+* the GPU step test's tolerance: a float32 step on the host is within it of the float64 step, a wrong gradient not.
 
 On a GPU (skipped here with the registry's reason): every primitive and the whole `tm.nn.MoE` layer (output and
 every gradient) against the NumPy reference on drawn shapes and routings (empty experts, one expert taking every
 token, capacity overflow, k = E, ties, one token), bitwise-equal reruns, and a whole training step on the GPU
 equal to the CPU one within float32 tolerance. Nothing here claims a kernel ran unless it ran.
 """
-import contextlib
 import importlib.util
 import inspect
 import os
@@ -34,7 +35,7 @@ import tinymoe.backends.cupy as cupy_backend  # unconditional: an import error o
 from tinymoe import dispatch as D
 from tinymoe.activations import ACTIVATIONS
 from tinymoe.backends.cupy import _gemm, _kernels
-from cupy_standin import HostArray, HostCublas  # noqa: E402
+from cupy_standin import HostArray, host_cublas  # noqa: E402
 from test_backends import assert_close, assert_same, expert_weights, routings  # noqa: E402
 
 GPU = "cupy" in tm.backends.available()
@@ -49,10 +50,30 @@ def test_module_offers_every_primitive_with_the_reference_signature():
     assert set(_kernels.KERNELS) <= set(_kernels.SOURCE.replace("(", " ").split())
 
 
-def test_importing_tinymoe_never_imports_cupy():
+NO_CUPY_IMPORT = """
+import importlib.util, sys
+assert importlib.util.find_spec("cupy").origin.startswith(sys.argv[1]), "the planted cupy is not the one found"
+import numpy as np
+import tinymoe as tm
+import tinymoe.cli, tinymoe.moe_ops, tinymoe.train  # noqa: E401
+layer = tm.nn.MoE(4, 8, 2, k=1, seed=0)
+layer(tm.Tensor(np.ones((3, 4), np.float32))).sum().backward()  # a forward and backward on the host
+assert "cupy" not in sys.modules, "cupy was imported"
+"""
+
+
+def test_importing_tinymoe_never_imports_cupy(tmp_path):
+    """With a `cupy` importable (a planted empty one, so the check bites where CuPy is not installed too; it imports
+    cleanly, so a `try: import cupy` would not hide it), importing tinymoe, its CLI and training code and running an
+    MoE layer on the host never import it."""
+    planted = tmp_path / "cupy"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("PLANTED = True  # an empty stand-in: importing it is the error\n")
     env = {key: value for key, value in os.environ.items() if key != "TINYMOE_BACKEND"}
-    code = "import sys, tinymoe; import tinymoe.moe_ops; assert 'cupy' not in sys.modules, 'cupy imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-c", NO_CUPY_IMPORT, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _nvrtc_missing():
@@ -79,18 +100,6 @@ def test_kernel_sources_compile_with_nvrtc(arch):
 
 
 # ------------------------------------------------------------------------------------------------ GEMM bookkeeping
-@contextlib.contextmanager
-def host_cublas():
-    """_gemm.gemm calling HostCublas (and a stand-in `cupy` for its handle) inside the block."""
-    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(device=types.SimpleNamespace(
-        get_cublas_handle=lambda: 0)))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "cupy", fake_cupy)
-        mp.setattr(_gemm, "_cublas", HostCublas())
-        HostCublas.calls = 0
-        yield HostCublas
-
-
 @given(counts=st.lists(st.integers(0, 5), min_size=1, max_size=6), equal=st.booleans(), d=st.integers(1, 4),
        f=st.integers(1, 5), dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16))
 @settings(max_examples=25)
@@ -201,6 +210,25 @@ def test_cupy_with_a_gpu_but_no_cublas_says_so(fresh_registry, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy_backends", None)  # `from cupy_backends... import cublas` fails
     why = tm.backends.unavailable()["cupy"]
     assert "cannot load cuBLAS" in why and "tinymoe[cuda12]" in why
+
+
+def test_cupy_with_a_gpu_and_cublas_but_no_nvrtc_says_so(fresh_registry, monkeypatch):
+    """Without NVRTC every kernel would fail at its first launch, mid-training: the registry says so up front."""
+    _pretend_cupy(monkeypatch, lambda: 1)
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
+
+    def no_nvrtc():  # CuPy links NVRTC at run time: the module imports, its first call fails
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open shared object file")
+
+    libs.nvrtc = types.SimpleNamespace(getVersion=no_nvrtc)
+    for name in ("cupy_backends", "cupy_backends.cuda"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
+    why = tm.backends.unavailable()["cupy"]
+    assert "cannot load NVRTC" in why and "compiles the backend's kernels" in why and "tinymoe[cuda12]" in why
+    with pytest.raises(tm.backends.BackendUnavailable, match="NVRTC"):
+        tm.set_backend("cupy")
 
 
 class _DeviceArray:
@@ -427,20 +455,28 @@ def check_bitwise(routing, dtype, seed):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def _train_step(device, steps=2):
-    """Loss and parameters (host) after `steps` AdamW steps (forward, loss + aux, backward, clip) of a small model."""
-    import cupy
+def _train_step(device, steps=2, dtype=np.float32):
+    """Loss and parameters (host) after `steps` AdamW steps (forward, loss + aux, backward, clip) of a small model.
 
+    AdamW's eps is 1e-4, not 1e-8: some gradients are exactly 0 in exact arithmetic (the attention keys' bias: the
+    softmax over keys ignores a shift shared by every key) and only rounding noise in float32, ~1e-9, which Adam with
+    eps 1e-8 turns into a step of ±lr, so two correct implementations that round differently (GPU and CPU) would
+    differ by ~lr there. With eps 1e-4 such noise moves a weight by < 1e-7, while real gradients (~1e-3 after
+    clipping) still take steps of ~lr: a gradient 10 % off is still caught (test_step_tolerance_holds_...)."""
     import tinymoe.functional as F
+    from tinymoe.arrays import to_host
 
     cfg = tm.ModelConfig(vocab_size=12, max_seq_len=8, d_model=32, n_layers=2, n_heads=4, d_ff=64, num_experts=4,
                          k=2, moe_every=1, num_tasks=2, seed=3)
-    model = tm.MoETransformer(cfg).to(device)
-    xp = cupy if device == "cupy" else np
+    model = tm.MoETransformer(cfg).to(dtype).to(device)
+    if device == "cupy":
+        import cupy as xp
+    else:
+        xp = np
     rng = np.random.default_rng(0)
     tokens, targets = (xp.asarray(rng.integers(0, 12, (6, 8))) for _ in range(2))
     task_ids = xp.asarray(rng.integers(0, 2, 6))
-    opt = tm.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    opt = tm.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, eps=1e-4)
     losses = []
     for _ in range(steps):
         loss = F.cross_entropy(model(tokens, task_ids=task_ids), targets) + model.aux_loss()
@@ -449,18 +485,47 @@ def _train_step(device, steps=2):
         tm.optim.clip_grad_norm(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.item()))
-    return losses, {n: cupy.asnumpy(p.data) for n, p in model.named_parameters()}
+    return losses, {n: to_host(p.data) for n, p in model.named_parameters()}
+
+
+def assert_same_step(got, want):
+    """Two runs of _train_step agree within float32 rounding: losses to 1e-4 relative, weights to 1e-3 relative
+    plus 1e-4 (a wrong gradient moves a weight by ~lr = 1e-2)."""
+    (got_losses, got_params), (want_losses, want_params) = got, want
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-4)
+    for name in want_params:
+        np.testing.assert_allclose(got_params[name], want_params[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_step_tolerance_holds_between_float32_and_float64_and_catches_a_wrong_gradient(monkeypatch):
+    """The GPU test's tolerance, checked without a GPU: a float32 run on the host differs from the float64 run (the
+    exact answer, near enough) by less than it, as a float32 run on the GPU must; a run whose expert-bias gradient is
+    10 % off does not (on every run, the clipping step scales that gradient)."""
+    with tm.use_backend("numpy"):
+        exact = _train_step("cpu", dtype=np.float64)
+        exact = (exact[0], {name: p.astype(np.float32) for name, p in exact[1].items()})
+        assert_same_step(_train_step("cpu"), exact)
+        clip = tm.optim.clip_grad_norm
+
+        def wrong(params, max_norm):
+            for p in params:
+                if p.grad is not None and p.shape == (4, 32):  # the experts' output biases b2 (E, d_model)
+                    p.grad = p.grad * 0.9
+            return clip(params, max_norm)
+
+        monkeypatch.setattr(tm.optim, "clip_grad_norm", wrong)
+        with pytest.raises(AssertionError):
+            assert_same_step(_train_step("cpu"), exact)
 
 
 @needs_gpu
 def test_training_step_on_gpu_equals_cpu():
     with tm.use_backend("numpy"):
-        cpu_losses, cpu = _train_step("cpu")
+        cpu = _train_step("cpu")
     with tm.use_backend("cupy"):
-        gpu_losses, gpu = _train_step("cupy")
-        again_losses, again = _train_step("cupy")
-    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-4)
-    for name in cpu:  # after 2 AdamW steps of lr 1e-2: a wrong gradient moves a weight by ~1e-2, rounding by far less
-        np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-3, atol=1e-4, err_msg=name)
-        assert gpu[name].tobytes() == again[name].tobytes(), f"{name}: two GPU runs differ"
-    assert gpu_losses == again_losses
+        gpu = _train_step("cupy")
+        again = _train_step("cupy")
+    assert_same_step(gpu, cpu)
+    for name in cpu[1]:
+        assert gpu[1][name].tobytes() == again[1][name].tobytes(), f"{name}: two GPU runs differ"
+    assert gpu[0] == again[0]

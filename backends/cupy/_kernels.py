@@ -27,7 +27,7 @@ THREADS = 256  # threads per block of every kernel
 WARPS_PER_BLOCK = THREADS // 32
 SUM_LANES = 8  # row lanes of segment_column_sums' blocks (blockDim = (32, SUM_LANES))
 
-SOURCE = r"""
+SOURCE = f"#define SUM_LANES {SUM_LANES}  // row lanes of segment_column_sums (the Python constant)\n" + r"""
 // ---- activations: the same formulas as tinymoe/activations.py, in the arrays' precision ----------------------
 // GELU is the tanh form (Hendrycks & Gimpel 2016): ½v(1 + tanh(√(2/π)(v + 0.044715v³))).
 #define GELU_C 0.7978845608028654
@@ -184,23 +184,24 @@ __global__ void act_grad_mul(F* __restrict__ g, const F* __restrict__ h, long lo
     }
 }
 
-// out[e, c] = Σ_{r in offsets[e]:offsets[e+1]} x[r, c]: the bias gradients of every expert at once. Block (32, 8):
-// threadIdx.x a column, threadIdx.y one of 8 row lanes (rows y, y + 8, ... in order); blockIdx.y the expert. The
-// 8 lane sums are added in lane order; sums run in double. Empty experts get 0.     x (R, n) -> out (E, n)
+// out[e, c] = Σ_{r in offsets[e]:offsets[e+1]} x[r, c]: the bias gradients of every expert at once. Block
+// (32, SUM_LANES): threadIdx.x a column, threadIdx.y one of the row lanes (rows y, y + SUM_LANES, ... in order);
+// blockIdx.y the expert. The lane sums are added in lane order; sums run in double. Empty experts get 0.
+//                                                                                    x (R, n) -> out (E, n)
 template <typename F>
 __global__ void segment_column_sums(const F* __restrict__ x, const long long* __restrict__ offsets, long long n,
                                     F* __restrict__ out) {
-    __shared__ double part[8][32];
+    __shared__ double part[SUM_LANES][32];
     long long c = blockIdx.x * 32LL + threadIdx.x;
     int e = blockIdx.y;
     double acc = 0.0;
     if (c < n)
-        for (long long r = offsets[e] + threadIdx.y; r < offsets[e + 1]; r += 8) acc += (double)x[r * n + c];
+        for (long long r = offsets[e] + threadIdx.y; r < offsets[e + 1]; r += SUM_LANES) acc += (double)x[r * n + c];
     part[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     if (threadIdx.y == 0 && c < n) {
         double s = 0.0;
-        for (int q = 0; q < 8; ++q) s += part[q][threadIdx.x];
+        for (int q = 0; q < SUM_LANES; ++q) s += part[q][threadIdx.x];
         out[e * n + c] = (F)s;
     }
 }
