@@ -129,7 +129,7 @@ def test_unknown_or_missing_devices_fail_at_once_with_the_fix():
 
 
 @pytest.mark.parametrize("op", ["add", "mul", "matmul", "concatenate", "where", "embedding", "cross_entropy",
-                                "getitem", "model"])
+                                "getitem", "model", "linear_bias", "layer_norm"])
 def test_mixing_host_and_device_names_both_devices_and_the_fix(op):
     h, d = tm.Tensor(np.ones((2, 2))), tm.Tensor(xp.ones((2, 2)))
     cases = {"add": lambda: h + d, "mul": lambda: d * h, "matmul": lambda: h @ d,
@@ -137,7 +137,9 @@ def test_mixing_host_and_device_names_both_devices_and_the_fix(op):
              "embedding": lambda: F.embedding(np.array([0, 1]), d),
              "cross_entropy": lambda: F.cross_entropy(d, np.array([0, 1])),
              "getitem": lambda: d[np.array([0, 1])],
-             "model": lambda: tm.nn.Linear(2, 3).to(xp)(np.ones((4, 2), np.float32))}
+             "model": lambda: tm.nn.Linear(2, 3).to(xp)(np.ones((4, 2), np.float32)),
+             "linear_bias": lambda: F.linear(d, d, np.ones(2)),
+             "layer_norm": lambda: F.layer_norm(d, np.ones(2), np.zeros(2))}
     with pytest.raises(RuntimeError, match=r"different devices, (cpu and guarded|guarded and cpu).*\.to\('guarded'\)"):
         cases[op]()
 
