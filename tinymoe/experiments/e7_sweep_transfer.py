@@ -11,10 +11,10 @@ Both arms use E2's tuned lr and train for the same steps with early stopping on 
 """
 from __future__ import annotations
 
-from .common import Timer, fastest_backend, preset_config, run_dir
+from .common import preset_config
 from .e2_transfer import PRESETS as E2_PRESETS
 from .e2_transfer import target_accuracy
-from .sweep import cached, label, run_sweep, task_pool, write_sweep
+from .sweep import cached, sweep_experiment, task_pool
 
 PRESETS = {
     "tiny": dict(E2_PRESETS["tiny"], seeds=3, sweep=dict(base=dict(tasks=3, experts=2, data=40),
@@ -36,31 +36,23 @@ def setting(cfg, point) -> dict:
 
 def run(preset="small", seeds=None, out=None, log=print) -> dict:
     cfg = preset_config(PRESETS, preset, seeds)
-    path, timer = run_dir("e7_sweep_transfer", out), Timer()
 
     def accuracy(arm):
         return lambda point, seed: target_accuracy(arm, setting(cfg, point), cfg["lr"], seed)[1]
 
     moe, dense = accuracy(ARM), cached(accuracy(BASELINE), ignore=("experts",))  # dense does not use E
-    with fastest_backend() as backend:
-        log(f"E7 ({preset}): backend {backend}, {cfg['seeds']} seeds, base {label(cfg['sweep']['base'])}, "
-            f"axes {cfg['sweep']['axes']}")
-        points, values, comparisons, summary = run_sweep(
-            cfg, lambda p, seed: (moe(p, seed), dense(p, seed)), claim=CLAIM, arm=ARM, baseline=BASELINE,
-            metric="target accuracy", words=WORDS, log=log)
-    target, largest = "+".join(cfg["target"]), {**cfg["sweep"]["base"], "tasks": max(cfg["sweep"]["axes"]["tasks"])}
-    related = ", ".join("+".join(t) for t in setting(cfg, largest)["related"])
-    notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds per setting (each setting's difference is its own "
-             f"primary comparison, uncorrected); backend {backend}. Target {target}: {cfg['n_target']} training "
-             f"examples, {cfg['n_val']} validation (early stopping on the target), {cfg['n_test']} test. Related tasks "
-             f"(the first T − 1 of): {related}. Transformer d_model={cfg['d_model']}, {cfg['n_layers']} layers, "
-             f"d_ff={cfg['d_ff']}; MoE: every block, E experts of width d_ff, top-1; {cfg['steps']} Adam steps, batch "
-             f"{cfg['batch_size']}, lr {cfg['lr']} for both arms (E2's tuned lr); {timer.describe()}.",
-             "", f"Chance accuracy is 1/{cfg['vocab']} = {1 / cfg['vocab']:.2f}."]
-    result = write_sweep(path, experiment="e7", preset=preset, title="E7 — claim (i) against scale", cfg=cfg,
-                         points=points, values=values, comparisons=comparisons, summary=summary, arm=ARM,
-                         baseline=BASELINE, metric="target accuracy", words=WORDS, notes=notes,
-                         plot_name="e7_sweep_transfer.png", backend=backend, timer=timer)
-    for line in summary:
-        log(line)
-    return result
+
+    def notes(backend, timer):
+        target, largest = "+".join(cfg["target"]), {**cfg["sweep"]["base"], "tasks": max(cfg["sweep"]["axes"]["tasks"])}
+        related = ", ".join("+".join(t) for t in setting(cfg, largest)["related"])
+        return [f"Target {target}: {cfg['n_target']} training examples, {cfg['n_val']} validation (early stopping on "
+                f"the target), {cfg['n_test']} test. Related tasks (the first T − 1 of): {related}. Transformer "
+                f"d_model={cfg['d_model']}, {cfg['n_layers']} layers, d_ff={cfg['d_ff']}; MoE: every block, E experts "
+                f"of width d_ff, top-1; {cfg['steps']} Adam steps, batch {cfg['batch_size']}, lr {cfg['lr']} for both "
+                f"arms (E2's tuned lr); {timer.describe()}.", "", f"Chance accuracy is 1/{cfg['vocab']} = "
+                f"{1 / cfg['vocab']:.2f}."]
+
+    return sweep_experiment("e7_sweep_transfer", experiment="e7", title="E7 — claim (i) against scale", preset=preset,
+                            cfg=cfg, measure=lambda p, seed: (moe(p, seed), dense(p, seed)), claim=CLAIM, arm=ARM,
+                            baseline=BASELINE, metric="target accuracy", words=WORDS, notes=notes,
+                            plot_name="e7_sweep_transfer.png", out=out, log=log)

@@ -11,10 +11,10 @@ fine-tune one pre-trained model per seed and point, at E3's tuned lr.
 """
 from __future__ import annotations
 
-from .common import Timer, fastest_backend, preset_config, run_dir
+from .common import preset_config
 from .e3_unseen import BASE_ARM, FRESH_ROUTER, REUSE, heldout_accuracy, pretrain
 from .e3_unseen import PRESETS as E3_PRESETS
-from .sweep import label, run_sweep, task_pool, write_sweep
+from .sweep import sweep_experiment, task_pool
 
 PRESETS = {
     "tiny": dict(E3_PRESETS["tiny"], seeds=3, sweep=dict(base=dict(tasks=3, experts=2, data=40),
@@ -46,27 +46,18 @@ def measure(cfg):
 
 def run(preset="small", seeds=None, out=None, log=print) -> dict:
     cfg = preset_config(PRESETS, preset, seeds)
-    path, timer = run_dir("e8_sweep_unseen", out), Timer()
-    metric = f"held-out accuracy, K={cfg['shot']}"
-    with fastest_backend() as backend:
-        log(f"E8 ({preset}): backend {backend}, {cfg['seeds']} seeds, base {label(cfg['sweep']['base'])}, "
-            f"axes {cfg['sweep']['axes']}")
-        points, values, comparisons, summary = run_sweep(cfg, measure(cfg), claim=CLAIM, arm=ARM, baseline=BASELINE,
-                                                         metric=metric, words=WORDS, log=log)
-    largest = {**cfg["sweep"]["base"], "tasks": max(cfg["sweep"]["axes"]["tasks"])}
-    seen = ", ".join("+".join(t) for t in setting(cfg, largest)["seen"])
-    notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds per setting (each setting's difference is its own "
-             f"primary comparison, uncorrected); backend {backend}. Held out: "
-             f"{', '.join('+'.join(h) for h in cfg['heldout'])}; seen tasks (the first T of): {seen}. Pre-training "
-             f"{cfg['steps']} Adam steps, batch {cfg['batch_size']}, lr {cfg['lr']} (E3's tuned lr for MoE add); "
-             f"fine-tuning {cfg['finetune_steps']} steps on K={cfg['shot']} examples of each held-out task (all "
-             f"weights, lr {cfg['finetune_lr']}), {cfg['n_test']} test examples each. Transformer d_model="
-             f"{cfg['d_model']}, {cfg['n_layers']} layers, d_ff={cfg['d_ff']}; MoE add: every block, E experts, "
-             f"top-1; {timer.describe()}.", "", f"Chance accuracy is 1/{cfg['vocab']} = {1 / cfg['vocab']:.2f}."]
-    result = write_sweep(path, experiment="e8", preset=preset, title="E8 — claim (ii) against scale", cfg=cfg,
-                         points=points, values=values, comparisons=comparisons, summary=summary, arm=ARM,
-                         baseline=BASELINE, metric=metric, words=WORDS, notes=notes, plot_name="e8_sweep_unseen.png",
-                         backend=backend, timer=timer)
-    for line in summary:
-        log(line)
-    return result
+
+    def notes(backend, timer):
+        largest = {**cfg["sweep"]["base"], "tasks": max(cfg["sweep"]["axes"]["tasks"])}
+        seen = ", ".join("+".join(t) for t in setting(cfg, largest)["seen"])
+        return [f"Held out: {', '.join('+'.join(h) for h in cfg['heldout'])}; seen tasks (the first T of): {seen}. "
+                f"Pre-training {cfg['steps']} Adam steps, batch {cfg['batch_size']}, lr {cfg['lr']} (E3's tuned lr for "
+                f"MoE add); fine-tuning {cfg['finetune_steps']} steps on K={cfg['shot']} examples of each held-out task "
+                f"(all weights, lr {cfg['finetune_lr']}), {cfg['n_test']} test examples each. Transformer d_model="
+                f"{cfg['d_model']}, {cfg['n_layers']} layers, d_ff={cfg['d_ff']}; MoE add: every block, E experts, "
+                f"top-1; {timer.describe()}.", "", f"Chance accuracy is 1/{cfg['vocab']} = {1 / cfg['vocab']:.2f}."]
+
+    return sweep_experiment("e8_sweep_unseen", experiment="e8", title="E8 — claim (ii) against scale", preset=preset,
+                            cfg=cfg, measure=measure(cfg), claim=CLAIM, arm=ARM, baseline=BASELINE,
+                            metric=f"held-out accuracy, K={cfg['shot']}", words=WORDS, notes=notes,
+                            plot_name="e8_sweep_unseen.png", out=out, log=log)

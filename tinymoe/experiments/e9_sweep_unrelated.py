@@ -10,10 +10,10 @@ base task n. The four base tasks are E4's. Both arms use E4's tuned lr.
 """
 from __future__ import annotations
 
-from .common import Timer, fastest_backend, preset_config, run_dir
+from .common import preset_config
 from .e4_unrelated import PRESETS as E4_PRESETS
 from .e4_unrelated import forgetting
-from .sweep import cached, label, run_sweep, write_sweep
+from .sweep import cached, sweep_experiment
 
 PRESETS = {
     "tiny": dict(E4_PRESETS["tiny"], seeds=3, sweep=dict(base=dict(tasks=2, experts=2, data=40),
@@ -37,7 +37,6 @@ def setting(cfg, point) -> dict:
 
 def run(preset="small", seeds=None, out=None, log=print) -> dict:
     cfg = preset_config(PRESETS, preset, seeds)
-    path, timer = run_dir("e9_sweep_unrelated", out), Timer()
 
     def delta(arm):
         def at(point, seed):
@@ -47,26 +46,17 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
         return at
 
     moe, dense = delta(ARM), cached(delta(BASELINE), ignore=("experts",))  # dense does not use E
-    with fastest_backend() as backend:
-        log(f"E9 ({preset}): backend {backend}, {cfg['seeds']} seeds, base {label(cfg['sweep']['base'])}, "
-            f"axes {cfg['sweep']['axes']}")
-        points, values, comparisons, summary = run_sweep(
-            cfg, lambda p, seed: (moe(p, seed), dense(p, seed)), claim=CLAIM, arm=ARM, baseline=BASELINE,
-            metric="Δ base accuracy", words=WORDS, log=log)
-    notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds per setting (each setting's difference is its own "
-             f"primary comparison, uncorrected); backend {backend}. Base tasks: "
-             f"{', '.join('+'.join(t) for t in cfg['base'])}; Δ = base accuracy after base + unrelated minus after "
-             f"base only (higher = less forgetting), mean over seeds of Δ per arm in the table. Phase 1: "
-             f"{cfg['steps']} steps, batch {cfg['batch_size']}; each continuation: {cfg['steps_after']} steps (fresh "
-             f"Adam), base only at batch {cfg['batch_size']}, base + unrelated at batch {2 * cfg['batch_size']} "
-             f"(exposure-matched). Transformer d_model={cfg['d_model']}, {cfg['n_layers']} layers, d_ff="
-             f"{cfg['d_ff']}; MoE: every block, E experts, top-1; lr {cfg['lr']} for both arms (E4's tuned lr); "
-             f"{timer.describe()}."]
-    result = write_sweep(path, experiment="e9", preset=preset, title="E9 — claim (iii) against scale", cfg=cfg,
-                         points=points, values=values, comparisons=comparisons, summary=summary, arm=ARM,
-                         baseline=BASELINE, metric="Δ base accuracy", words=WORDS, notes=notes,
-                         plot_name="e9_sweep_unrelated.png", backend=backend, timer=timer)
-    for line in summary:
-        log(line)
-    return result
 
+    def notes(backend, timer):
+        return [f"Base tasks: {', '.join('+'.join(t) for t in cfg['base'])}; Δ = base accuracy after base + unrelated "
+                f"minus after base only (higher = less forgetting), mean over seeds of Δ per arm in the table. Phase "
+                f"1: {cfg['steps']} steps, batch {cfg['batch_size']}; each continuation: {cfg['steps_after']} steps "
+                f"(fresh Adam), base only at batch {cfg['batch_size']}, base + unrelated at batch "
+                f"{2 * cfg['batch_size']} (exposure-matched). Transformer d_model={cfg['d_model']}, {cfg['n_layers']} "
+                f"layers, d_ff={cfg['d_ff']}; MoE: every block, E experts, top-1; lr {cfg['lr']} for both arms (E4's "
+                f"tuned lr); {timer.describe()}."]
+
+    return sweep_experiment("e9_sweep_unrelated", experiment="e9", title="E9 — claim (iii) against scale",
+                            preset=preset, cfg=cfg, measure=lambda p, seed: (moe(p, seed), dense(p, seed)), claim=CLAIM,
+                            arm=ARM, baseline=BASELINE, metric="Δ base accuracy", words=WORDS, notes=notes,
+                            plot_name="e9_sweep_unrelated.png", out=out, log=log)

@@ -16,7 +16,7 @@ import textwrap
 
 import numpy as np
 
-from .common import comparison_table, fmt, markdown_table, save_results, write_results
+from .common import Timer, comparison_table, fastest_backend, fmt, markdown_table, run_dir, save_results, write_results
 from .stats import CONTRADICTED, HOLDS, compare
 
 AXES = ("tasks", "experts", "data")
@@ -145,6 +145,29 @@ def run_sweep(cfg, measure, *, claim, arm, baseline, metric, words, direction=+1
         summary.append(f"{words[axis]} {SYMBOLS[axis]} ({fixed}): " + holds_from(
             [p[axis] for p in line], [verdict_of[label(p)] for p in line], SYMBOLS[axis]))
     return points, values, comparisons, summary
+
+
+def sweep_experiment(name, *, experiment, title, preset, cfg, measure, claim, arm, baseline, metric, words, notes,
+                     plot_name, out=None, log=print) -> dict:
+    """The whole run of a sweep experiment (E7-E9): `measure` at every point of cfg's sweep on the fastest backend
+    (run_sweep), then results.md, results.json and the effect-against-scale plot in the run folder (write_sweep),
+    and the per-axis summary on the console. notes(backend, timer) -> the experiment's own notes, asked for once the
+    run has finished (so they can quote its time); the first is prefixed with what every sweep shares."""
+    path, timer = run_dir(name, out), Timer()
+    with fastest_backend() as backend:
+        log(f"{experiment.upper()} ({preset}): backend {backend}, {cfg['seeds']} seeds, base "
+            f"{label(cfg['sweep']['base'])}, axes {cfg['sweep']['axes']}")
+        points, values, comparisons, summary = run_sweep(cfg, measure, claim=claim, arm=arm, baseline=baseline,
+                                                         metric=metric, words=words, log=log)
+    first, *rest = notes(backend, timer)
+    notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds per setting (each setting's difference is its own "
+             f"primary comparison, uncorrected); backend {backend}. {first}", *rest]
+    result = write_sweep(path, experiment=experiment, preset=preset, title=title, cfg=cfg, points=points,
+                         values=values, comparisons=comparisons, summary=summary, arm=arm, baseline=baseline,
+                         metric=metric, words=words, notes=notes, plot_name=plot_name, backend=backend, timer=timer)
+    for line in summary:
+        log(line)
+    return result
 
 
 def scale_words(point, words) -> str:
