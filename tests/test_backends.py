@@ -234,20 +234,23 @@ def test_deterministic(name, be, routing, dtype, seed):
     x = rng.standard_normal((T, d)).astype(dtype)
     params = expert_weights(rng, E, d, f, d, dtype)
     weights = priority.astype(dtype)
-
-    def run():
-        keep2 = be.capacity_keep(idx, E, max(1, T // 2), weights, keep)
-        order, offsets, inverse = be.route(idx, E, keep2)
-        xs = be.gather(x, order, k)
-        out, h = be.expert_ffn(xs, offsets, *params, "gelu")
-        y = be.combine(out, weights, inverse)
-        dout, dw = be.combine_backward(y, out, weights, inverse)
-        grads = be.expert_ffn_backward(dout, xs, h, offsets, params[0], params[2], "gelu")
-        return [keep2, order, offsets, inverse, xs, out, h, y, dout, dw, *grads,
-                be.gather_backward(grads[0], inverse, k, T)]
-
-    for a, b in zip(run(), run()):
+    for a, b in zip(*(every_primitive(be, idx, keep, x, params, weights) for _ in range(2))):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def every_primitive(be, idx, keep, x, params, weights) -> list:
+    """Every primitive of backend `be` once, each fed by the one before (capacity_keep at half the tokens, route,
+    gather, expert FFN, combine and the three adjoints); returns every array made, for bitwise comparisons."""
+    T, k = idx.shape
+    E = params[0].shape[0]
+    kept = be.capacity_keep(idx, E, max(1, T // 2), weights, keep)
+    order, offsets, inverse = be.route(idx, E, kept)
+    xs = be.gather(x, order, k)
+    out, h = be.expert_ffn(xs, offsets, *params, "gelu")
+    y = be.combine(out, weights, inverse)
+    dout, dw = be.combine_backward(y, out, weights, inverse)
+    grads = be.expert_ffn_backward(dout, xs, h, offsets, params[0], params[2], "gelu")
+    return [kept, order, offsets, inverse, xs, out, h, y, dout, dw, *grads, be.gather_backward(grads[0], inverse, k, T)]
 
 
 @pytest.mark.parametrize("name", ["numba"], scope="module")

@@ -36,7 +36,7 @@ from tinymoe import dispatch as D
 from tinymoe.activations import ACTIVATIONS
 from tinymoe.backends.cupy import _gemm, _kernels
 from cupy_standin import HostArray, host_cublas  # noqa: E402
-from test_backends import assert_close, assert_same, expert_weights, routings  # noqa: E402
+from test_backends import assert_close, assert_same, every_primitive, expert_weights, routings  # noqa: E402
 
 GPU = "cupy" in tm.backends.available()
 needs_gpu = pytest.mark.skipif(not GPU, reason=tm.backends.unavailable().get("cupy", "cupy available"))
@@ -433,24 +433,13 @@ def check_bitwise(routing, dtype, seed):
     """Every primitive run twice on the same inputs: the same bits."""
     be = cupy_backend
     idx, keep, priority, E = routing
-    T, k = idx.shape
+    T = idx.shape[0]
     rng = np.random.default_rng(seed)
     x = _dev(rng.standard_normal((T, 48)).astype(dtype))
     params = list(map(_dev, expert_weights(rng, E, 48, 96, 48, dtype)))
     weights = _dev(priority.astype(dtype))
-
-    def run():
-        kept = be.capacity_keep(_dev(idx), E, max(1, T // 2), weights, _dev(keep))
-        order, offsets, inverse = be.route(_dev(idx), E, kept)
-        xs = be.gather(x, order, k)
-        out, h = be.expert_ffn(xs, offsets, *params, "gelu")
-        y = be.combine(out, weights, inverse)
-        dout, dw = be.combine_backward(y, out, weights, inverse)
-        grads = be.expert_ffn_backward(dout, xs, h, offsets, params[0], params[2], "gelu")
-        return [kept, order, offsets, inverse, xs, out, h, y, dout, dw, *grads,
-                be.gather_backward(grads[0], inverse, k, T)]
-
-    for a, b in zip(run(), run()):
+    runs = (every_primitive(be, _dev(idx), _dev(keep), x, params, weights) for _ in range(2))
+    for a, b in zip(*runs):
         a, b = (v.get() if hasattr(v, "get") else v for v in (a, b))
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
