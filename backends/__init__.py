@@ -36,6 +36,7 @@ _INSTALL = {"numba": "pip install 'tinymoe[numba]' (numba and scipy)",
                     "an NVIDIA GPU"}
 _loaded: dict = {}
 _current: str | None = None
+_held = contextlib.ExitStack()  # the current backend's session, held for as long as it is current (set_backend)
 _cupy_why: list = []  # the cached result of _probe_cupy (probing imports CuPy and asks the driver: once)
 
 
@@ -154,10 +155,20 @@ def for_arrays(*arrays):
 
 
 def set_backend(name):
-    """Run the MoE hot path on `name` from now on (loads it first, so a bad name fails here)."""
+    """Run the MoE hot path on `name` from now on (loads it first, so a bad name fails here).
+
+    A backend with a `session` holds it for as long as it is current. The numba backend's pins NumPy's BLAS to one
+    thread and runs tinymoe's dense products on numba's threads (see `session`), so switching to numba changes how
+    many threads other NumPy code in this process gets; switching to another backend gives them back."""
     global _current
-    load(name)
+    module = load(name)
+    if name == _current:
+        return
+    _held.close()  # leave the previous backend's session
     _current = name
+    enter = getattr(module, "session", None)
+    if enter is not None:
+        _held.enter_context(enter())
 
 
 def get_backend() -> str:
@@ -178,21 +189,26 @@ def backend_module():
 
 
 def session():
-    """The current backend's context for a whole training run (`fit` enters it), or a no-op when it has none.
+    """The current backend's context for a whole training run, or a no-op when it has none. set_backend already
+    holds it while the backend is current; `fit` enters it as well (entering it twice is harmless).
 
-    The numba backend pins NumPy's BLAS to one thread here, so OpenBLAS's busy-waiting workers do not take the
-    cores from its parallel expert kernels."""
+    The numba backend pins NumPy's BLAS to one thread there and runs the engine's dense products on its own
+    threads, so that OpenBLAS's busy-waiting workers do not take the cores from its parallel expert kernels."""
     enter = getattr(backend_module(), "session", None)
     return enter() if enter is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Temporarily switch backend: `with tm.use_backend("numpy"): ...`."""
+    """Temporarily switch backend: `with tm.use_backend("numpy"): ...` (the previous one, and its session, after)."""
     global _current
     previous = _current
     set_backend(name)
     try:
         yield
     finally:
-        _current = previous
+        if previous is None:
+            _held.close()
+            _current = None
+        else:
+            set_backend(previous)

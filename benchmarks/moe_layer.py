@@ -370,9 +370,9 @@ class Layer:
         return {"fwd": t1 - t0, "bwd": t2 - t1}, None
 
     def run_moe(self):
-        # inside the backend's training session, as fit() runs it (numba: NumPy's BLAS on one thread, so the
-        # router's matmul leaves no busy-waiting OpenBLAS workers on the cores of the expert kernels)
-        with backends.use_backend(self.name), backends.session():
+        # use_backend holds the backend's session, as fit() runs it (numba: NumPy's BLAS on one thread, the dense
+        # products on numba's threads, so no busy-waiting OpenBLAS worker sits on the expert kernels' cores)
+        with backends.use_backend(self.name):
             return self._time(self.moe, self.p["x"], self.p["dy"])
 
     def run_dense(self):

@@ -23,6 +23,10 @@ the optimizer (clip + AdamW) time of every contender.
 Peak memory (--memory, on by default): each contender runs a few steps in a fresh subprocess; the number is the
 growth of the peak resident set (VmHWM) over the resident set after building the model (MB).
 
+--own-loop adds the numba backend outside `tm.backends.session()` (contender "numba-own-loop"): the step a user's
+own training loop gets when it never enters the session (own ms, own/torch; its expert FFN and optimizer times
+are in the JSON).
+
 --busy N starts N processes that spin on the CPUs for the timed part (not for the memory children): how each
 contender degrades when another job keeps cores busy.
 """
@@ -52,6 +56,7 @@ CONFIGS = {  # batch × seq_len tokens; every block is an MoE block
 VOCAB = 16
 LR, WEIGHT_DECAY, CLIP = 1e-3, 0.01, 1.0
 CONTENDERS = ("numpy", "numba", "torch")
+OWN_LOOP = "numba-own-loop"  # --own-loop: the numba backend outside tm.backends.session(), as a user's own loop runs
 
 
 def model_config(name, seed=0) -> ModelConfig:
@@ -102,17 +107,21 @@ class FFNTimer:
 
 
 class TinymoeRunner:
-    def __init__(self, name, backend, seed=0):
-        self.backend = backend
+    def __init__(self, name, backend, seed=0, session=True):
+        self.backend, self.session = backend, session
         with tm.use_backend(backend):
             self.model = MoETransformer(model_config(name, seed))
         self.opt = AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         self.ffn_seconds, self.ffn_flops, self.opt_seconds = [], [], []
 
+    def _session(self):
+        """The session fit enters (after use_backend: it is the current backend's), or none for --own-loop."""
+        return tm.backends.session() if self.session else contextlib.nullcontext()
+
     def step(self, tokens, targets) -> float:
         """One fit step; returns the loss."""
         module = tm.backends.load(self.backend)
-        with tm.use_backend(self.backend), tm.backends.session(), FFNTimer(module) as ffn:  # the session fit enters
+        with tm.use_backend(self.backend), self._session(), FFNTimer(module) as ffn:
             logits = self.model(tokens)
             total = F.cross_entropy(logits, targets) + self.model.aux_loss()
             self.opt.zero_grad()
@@ -240,6 +249,8 @@ def have_torch():
 
 
 def make_runner(contender, name):
+    if contender == OWN_LOOP:
+        return TinymoeRunner(name, "numba", session=False)
     return TorchRunner(name) if contender == "torch" else TinymoeRunner(name, contender)
 
 
@@ -338,6 +349,8 @@ def peak_memory(contender, name, threads):
 def format_rows(rows) -> str:
     lines = [f"{'config':<8}{'numpy ms':>10}{'numba ms':>10}{'torch ms':>10}{'np/torch':>10}{'nb/torch':>10}"
              f"{'nb/np':>8}{'ffn/bound np,nb':>17}{'opt ms np/nb/torch':>22}{'peak MB np/nb/torch':>22}"]
+    if any(OWN_LOOP in r["median_s"] for r in rows):
+        lines[0] += f"{'own ms':>10}{'own/torch':>10}"  # numba outside the session (--own-loop)
     for r in rows:
         m = r["median_s"]
 
@@ -352,8 +365,9 @@ def format_rows(rows) -> str:
         opt = "/".join(f"{1e3 * r['optimizer_s'][c]:.1f}" if c in r["optimizer_s"] else "-" for c in CONTENDERS)
         mem = r.get("peak_mb", {})
         peak = "/".join(f"{mem[c]:.0f}" if mem.get(c) is not None else "-" for c in CONTENDERS)
+        own = f"{ms(OWN_LOOP):>10}{ratio(OWN_LOOP, 'torch'):>10}" if OWN_LOOP in m else ""
         lines.append(f"{r['config']:<8}{ms('numpy'):>10}{ms('numba'):>10}{ms('torch'):>10}{ratio('numpy', 'torch'):>10}"
-                     f"{ratio('numba', 'torch'):>10}{ratio('numba', 'numpy'):>8}{bound:>17}{opt:>22}{peak:>22}")
+                     f"{ratio('numba', 'torch'):>10}{ratio('numba', 'numpy'):>8}{bound:>17}{opt:>22}{peak:>22}{own}")
     return "\n".join(lines)
 
 
@@ -366,6 +380,8 @@ def main(argv=None):
     ap.add_argument("--settle", type=float, default=0.3, help="pause (s) before each contender's step")
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--own-loop", action="store_true",
+                    help=f"also time the numba backend outside tm.backends.session() ({OWN_LOOP}: a user's own loop)")
     ap.add_argument("--busy", type=int, default=0, metavar="N",
                     help="keep N extra processes spinning on the CPUs while timing (degrades-gracefully check)")
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
@@ -378,6 +394,8 @@ def main(argv=None):
     set_threads(args.threads)
     contenders = [c for c in CONTENDERS if c != "torch" or (args.torch and have_torch())]
     contenders = [c for c in contenders if c == "torch" or c in tm.backends.available()]
+    if args.own_loop and "numba" in contenders:
+        contenders.insert(contenders.index("numba") + 1, OWN_LOOP)
     if "numba" in contenders:
         tm.backends.load("numba").warmup()
     with open("/proc/loadavg") as fh:
@@ -390,7 +408,7 @@ def main(argv=None):
             row = time_config(name, contenders, repeat, args.warmup, args.settle, args.threads)
         row["busy_processes"] = args.busy
         if args.memory:
-            row["peak_mb"] = {c: peak_memory(c, name, args.threads) for c in contenders}
+            row["peak_mb"] = {c: peak_memory(c, name, args.threads) for c in contenders if c != OWN_LOOP}
         rows.append(row)
         log(f"{name}: " + ", ".join(f"{c} {1e3 * t:.1f} ms" for c, t in row["median_s"].items()))
     with open("/proc/loadavg") as fh:

@@ -10,8 +10,8 @@ import tinymoe as tm
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("train_step", os.path.join(HERE, "..", "benchmarks", "train_step.py"))
+def _load(name="train_step"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -22,9 +22,10 @@ def test_train_step_benchmark_writes_json_and_the_backends_agree(tmp_path):
     bench = _load()
     out = tmp_path / "r.json"
     assert bench.main(["--configs", "demo", "--repeat", "1", "--settle", "0", "--no-torch", "--no-memory",
-                       "--json", str(out)]) == 0
+                       "--own-loop", "--json", str(out)]) == 0
     row = json.loads(out.read_text())["rows"][0]
-    assert set(row["median_s"]) == {"numpy", "numba"} and all(t > 0 for t in row["median_s"].values())
+    assert set(row["median_s"]) == {"numpy", "numba", bench.OWN_LOOP} and all(t > 0 for t in row["median_s"].values())
+    assert row["first_loss"][bench.OWN_LOOP] == row["first_loss"]["numba"]  # use_backend alone holds the session
     assert row["parameters"]["numpy"] == row["parameters"]["numba"]
     assert row["first_loss"]["numba"] == pytest.approx(row["first_loss"]["numpy"], rel=1e-5)
     assert row["expert_ffn_flops"]["numba"] > 0
@@ -71,3 +72,14 @@ def test_busy_processes_spin_only_inside_the_block():
     finally:
         bench.subprocess.Popen = original
     assert all(p.poll() is not None for p in seen)  # killed and reaped
+
+
+def test_public_layer_benchmark_reports_the_medians_it_measured(tmp_path, monkeypatch):
+    bench = _load("public_layer")
+    monkeypatch.setattr(bench, "D", 8)
+    monkeypatch.setattr(bench, "F", 16)
+    with tm.use_backend("numpy"):
+        row = bench.measure(rows_per_expert=4, backend="numpy", repeat=3)
+    assert row["tokens"] == 4 * bench.E // bench.K and tm.get_backend() == "numpy"
+    med = {key: sorted(v)[1] for key, v in row["seconds"].items()}
+    assert row["median_s"] == med and row["ratio"] == med["moe"] / med["dense"]

@@ -475,13 +475,36 @@ def _matmul_backward(a, b):
     return _backward
 
 
+_gemm_hook = None  # a backend's 2-D product while it is the current backend (numba: row blocks on its threads)
+
+
+@contextlib.contextmanager
+def gemm_hook(gemm):
+    """Inside this block the engine's 2-D products (the (N, k)·(k, n) GEMMs of `_rows_matmul`, forward and both
+    adjoints) go to gemm(a, b) first; None from it means "not mine" and NumPy's `a @ b` runs. The operands are
+    2-D arrays, `a` possibly a transposed view (aᵀ·g of a weight gradient). A backend enters this while it is the
+    current one (tinymoe.backends.set_backend); the engine itself stays NumPy."""
+    global _gemm_hook
+    previous, _gemm_hook = _gemm_hook, gemm
+    try:
+        yield
+    finally:
+        _gemm_hook = previous
+
+
+def _gemm(a, b):
+    """a @ b for 2-D arrays, on the current backend's product when it takes them (see gemm_hook)."""
+    out = None if _gemm_hook is None else _gemm_hook(a, b)
+    return a @ b if out is None else out
+
+
 def _rows_matmul(a, b, bias=None):
     """(..., k) @ (k, n) as one GEMM on the flattened rows (..., k) -> (N, k), and so its adjoint: db = a2ᵀ·g2 is
     one (k, N)·(N, n) product, where the batched form made one small product per leading index and then summed
     a (batch, k, n) temporary over the batch. A `bias` (n,) of the product's dtype is added in place (`linear`)."""
     rows, n = int(np.prod(a.shape[:-1])), b.shape[-1]
     a2 = a.data.reshape(rows, a.shape[-1])  # (N, k); a copy only when a is not contiguous (e.g. permuted)
-    data = a2 @ b.data  # (N, n)
+    data = _gemm(a2, b.data)  # (N, n)
     if bias is not None:
         data += bias.data
     parents = (a, b) if bias is None else (a, b, bias)
@@ -490,9 +513,9 @@ def _rows_matmul(a, b, bias=None):
     def _backward(g):
         g2 = g.reshape(rows, n)  # (N, n)
         if a.requires_grad:
-            a._accumulate((g2 @ b.data.T).reshape(a.shape))
+            a._accumulate(_gemm(g2, b.data.T).reshape(a.shape))
         if b.requires_grad:
-            b._accumulate(a2.T @ g2)
+            b._accumulate(_gemm(a2.T, g2))
         if bias is not None and bias.requires_grad:
             bias._accumulate(g2.sum(axis=0))
 

@@ -252,8 +252,8 @@ except Exception as err:  # an AssertionError (or a group of them) from the smal
 
 # %%
 def layer_time(backend):
-    with tm.use_backend(backend), tm.backends.session():
-        return best_of(lambda: moe(x).sum().backward(), repeats=3)
+    with tm.use_backend(backend):  # numba holds its session while current: NumPy's BLAS on one thread, dense
+        return best_of(lambda: moe(x).sum().backward(), repeats=3)  # products on numba's threads
 
 
 with tm.use_backend("numpy"):

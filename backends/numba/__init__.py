@@ -37,6 +37,13 @@ unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT). libgomp's default spins 
 machine where other processes want the cores, a spinning worker holds a core the other worker needs to finish the
 next region, and a training step made of many short regions ran 25x slower than with sleeping workers.
 
+Between the kernels (`session`, held while numba is the current backend): NumPy's BLAS runs on one thread and the
+engine's dense products (Linear, attention projections, router, head) run on numba's threads instead (`_gemm.py`,
+row blocks and split sums; about as fast as OpenBLAS's own two threads on the products of the benchmark models).
+OpenBLAS's idle workers busy-wait ~0.1 s after each multi-threaded call; an expert kernel started in that window
+ran at half speed on 2 cores, which made the public tm.nn.MoE layer 1.44x a dense FFN called before it when the
+user had not entered a session (0.76x once set_backend held it).
+
 Compilation: kernels are compiled on first use (~15-30 s for all of them, both dtypes) and cached on disk (numba
 `cache=True`, in __pycache__ or NUMBA_CACHE_DIR; a warm start loads them in ~0.5 s). Set TINYMOE_NUMBA_CACHE=0 to
 turn the disk cache off (read-only installs: every process then compiles). `warmup()` compiles (or loads) every
@@ -64,11 +71,12 @@ import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba's np.dot cal
 from threadpoolctl import ThreadpoolController  # noqa: E402
 
 from ...activations import get_activation
-from . import _ffn, _optim, _routing  # noqa: E402
+from ...engine import gemm_hook
+from . import _ffn, _gemm, _optim, _routing  # noqa: E402
 from ._jit import cache_enabled  # noqa: E402
 
 __all__ = ["capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
-           "combine_backward", "adam_step", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
+           "combine_backward", "adam_step", "dense_matmul", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
 
 PARALLEL_MIN_ELEMENTS = 1 << 16  # gather / combine on fewer floats than this run on one thread
 PARALLEL_MIN_FLOPS = 1 << 24  # an expert FFN call of fewer FLOPs than this runs on one thread
@@ -249,6 +257,41 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     return (dxs.astype(x_dtype, copy=False), *(a.astype(w_dtype, copy=False) for a in (dw1, db1, dw2, db2)))
 
 
+# ---------------------------------------------------------------------------------------------------- dense GEMM
+def dense_matmul(a, b):
+    """The engine's 2-D product a @ b on numba's threads (see _gemm.py), or None for what it leaves to NumPy:
+    other dtypes or layouts, mixed dtypes, one thread, or fewer than PARALLEL_MIN_FLOPS (NumPy's one-thread BLAS
+    then, which is faster for small products than waking a worker).
+
+    a (N, k) C-contiguous times b (k, n) C- or F-contiguous: row blocks. a an F-contiguous (k, N) view, i.e. xᵀ of
+    a C-contiguous x (N, k), times g (N, n) C-contiguous: the weight gradient xᵀ·g, as split sums.
+    Meant for inside `session()`, which routes the engine's products here with NumPy's BLAS already on one thread
+    (BLAS threads inside numba's blocks would oversubscribe the cores)."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.ndim == 2 and b.ndim == 2
+            and a.dtype == b.dtype and a.dtype in (np.float32, np.float64) and a.shape[1] == b.shape[0]):
+        return None
+    threads = numba.get_num_threads()
+    m, inner, n = a.shape[0], a.shape[1], b.shape[1]
+    if threads == 1 or 2.0 * m * inner * n < PARALLEL_MIN_FLOPS:
+        return None
+    if a.flags.c_contiguous and (b.flags.c_contiguous or b.flags.f_contiguous) and m >= threads:
+        out = np.empty((m, n), dtype=a.dtype)
+        _gemm.rows_kernel(a, b, out, _blocks(m, threads))
+        return out
+    if a.flags.f_contiguous and b.flags.c_contiguous and inner >= threads:  # xᵀ·g: split the sum over N = inner
+        parts = np.empty((threads, m, n), dtype=a.dtype)
+        out = np.empty((m, n), dtype=a.dtype)
+        _gemm.split_sum_kernel(a.T, b, parts, _blocks(inner, threads))
+        _gemm.sum_parts(parts, out)
+        return out
+    return None
+
+
+def _blocks(rows, count):
+    """count + 1 block bounds over rows, as even as can be: [0, ..., rows]."""
+    return (np.arange(count + 1, dtype=np.int64) * rows) // count
+
+
 # ---------------------------------------------------------------------------------------------------- optimizer
 def adam_step(p, g, m, v, b1, b2, eps, step_size, inv_root_bc2, decay) -> bool:
     """One fused in-place Adam(W) step on C-contiguous float32/float64 arrays of one shape and dtype:
@@ -268,15 +311,20 @@ def adam_step(p, g, m, v, b1, b2, eps, step_size, inv_root_bc2, decay) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- session
+@contextlib.contextmanager
 def session():
-    """Context for a whole training run on this backend: the process's NumPy BLAS pinned to one thread.
+    """The numba backend's context, held while it is the current backend (`tm.set_backend("numba")`,
+    `tm.use_backend`; `fit` enters it too): NumPy's BLAS pinned to one thread, and the engine's dense 2-D products
+    (`Linear`, the attention projections, the router, the head) run on numba's threads (`dense_matmul`).
 
-    Between the expert kernels a training step runs NumPy matmuls (attention, router, heads). With several BLAS
-    threads, OpenBLAS's workers busy-wait after each of them and take the cores from numba's prange threads in the
-    next expert kernel, which made a training step about twice as slow (benchmarks/README.md). `tinymoe.train.fit`
-    enters this for you.
+    Why: after each multi-threaded call OpenBLAS's worker threads busy-wait for about 0.1 s, and a numba expert
+    kernel that starts in that window shares a core with the spinning worker: on 2 cores it ran at half speed, and a
+    whole tm.nn.MoE layer called after a dense FFN at 1.44x that FFN's time (benchmarks/README.md). With NumPy's
+    BLAS on one thread no worker spins, and the dense products keep every core through numba's pool, whose idle
+    workers sleep.
     """
-    return _blas.limit(limits=1, user_api="blas")
+    with _blas.limit(limits=1, user_api="blas"), gemm_hook(dense_matmul):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------- warmup
@@ -307,6 +355,13 @@ def warmup():
             out, h = expert_ffn(xs, offsets, w1, b1, w2, b2)
             expert_ffn_backward(out, xs, h, offsets, w1, w2)
             combine_backward(combine(out, weights, inverse), out, weights, inverse)
+            a, g = rng.standard_normal((4, 3)).astype(dtype), rng.standard_normal((4, 5)).astype(dtype)
+            w = rng.standard_normal((3, 5)).astype(dtype)
+            for b in (w, np.asfortranarray(w)):  # a·b with b C- or F-contiguous (the a·W and dy·Wᵀ products)
+                _gemm.rows_kernel(a, b, np.empty((4, 5), dtype), _blocks(4, 2))
+            parts = np.empty((2, 3, 5), dtype)
+            _gemm.split_sum_kernel(a, g, parts, _blocks(4, 2))  # xᵀ·dy
+            _gemm.sum_parts(parts, np.empty((3, 5), dtype))
             for kernel in (_optim.adam_serial, _optim.adam_parallel):
                 kernel(*(np.zeros(4, dtype) for _ in range(4)), 0.9, 0.999, 1e-8, 1e-3, 1.0, 1.0)
     finally:

@@ -1,0 +1,159 @@
+"""The numba backend's session: NumPy's BLAS on one thread and the engine's dense products on numba's threads.
+
+* `dense_matmul` (row blocks for a·b, split sums for xᵀ·g) against NumPy on drawn shapes and layouts, float32 and
+  float64, with the cases it leaves to NumPy (small, mixed dtypes, other layouts) returning None;
+* the engine routes `Linear`'s three products through it while the numba backend is current, and a layer's output
+  and gradients agree with the NumPy backend's (which the gradient checks cover);
+* set_backend / use_backend hold the session while numba is current and give NumPy its BLAS threads back after.
+"""
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinymoe as tm
+from tinymoe import engine, nn
+from tinymoe.engine import Tensor
+
+pytestmark = pytest.mark.skipif("numba" not in tm.backends.available(),
+                                reason=tm.backends.unavailable().get("numba", ""))
+TOL = {np.float32: 2e-5, np.float64: 1e-12}
+
+
+@pytest.fixture(scope="module")
+def nb():
+    module = tm.backends.load("numba")
+    module.warmup()
+    return module
+
+
+@pytest.fixture(scope="module")
+def threads(nb):
+    import numba
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one numba thread here: dense_matmul leaves every product to NumPy")
+    return numba.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def small_threshold(nb, monkeypatch):
+    """Let drawn products of any size run on the threads (the real threshold keeps small ones in NumPy)."""
+    monkeypatch.setattr(nb, "PARALLEL_MIN_FLOPS", 0)
+
+
+def close(got, want, dtype):
+    scale = max(float(np.max(np.abs(want))), 1.0)
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+dims = st.integers(1, 70)
+
+
+@given(N=dims, k=dims, n=dims, dtype=st.sampled_from([np.float32, np.float64]), b_fortran=st.booleans(),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_rows_product_matches_numpy(nb, threads, N, k, n, dtype, b_fortran, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((N, k)).astype(dtype)
+    b = rng.standard_normal((n, k)).astype(dtype).T if b_fortran else rng.standard_normal((k, n)).astype(dtype)
+    with nb.session():
+        got = nb.dense_matmul(a, b)
+    if got is None:  # fewer rows than threads (and no other way to split it): NumPy's
+        assert N < threads
+        return
+    assert got.dtype == dtype and got.shape == (N, n)
+    close(got, a @ b, dtype)
+    with nb.session():
+        assert np.array_equal(nb.dense_matmul(a, b), got)  # a rerun is bitwise the same
+
+
+@given(N=dims, k=dims, n=dims, dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_weight_gradient_product_matches_numpy(nb, threads, N, k, n, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x, g = rng.standard_normal((N, k)).astype(dtype), rng.standard_normal((N, n)).astype(dtype)
+    with nb.session():
+        got = nb.dense_matmul(x.T, g)  # xᵀ·g: the sum over N split across the threads
+    if got is None:
+        assert N < threads
+        return
+    assert got.dtype == dtype and got.shape == (k, n)
+    close(got, x.T @ g, dtype)
+    with nb.session():
+        assert np.array_equal(nb.dense_matmul(x.T, g), got)
+
+
+def test_what_it_leaves_to_numpy(nb, threads, monkeypatch):
+    rng = np.random.default_rng(0)
+    a32, b32 = rng.standard_normal((64, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    assert nb.dense_matmul(a32, b32.astype(np.float64)) is None  # mixed dtypes
+    assert nb.dense_matmul(a32.astype(np.float16), b32.astype(np.float16)) is None  # other dtypes
+    assert nb.dense_matmul(a32[::2], b32) is None  # a strided view
+    assert nb.dense_matmul(a32, b32[:, None, :]) is None  # not 2-D
+    assert nb.dense_matmul(a32[:, :4], b32[:4]) is None  # not contiguous
+    monkeypatch.setattr(nb, "PARALLEL_MIN_FLOPS", 2 * 64 * 8 * 4 + 1)
+    assert nb.dense_matmul(a32, b32) is None  # below the size where a second thread pays
+
+
+def _linear_step(seed=0):
+    """A Linear's output and its three gradients for one backward."""
+    rng = np.random.default_rng(seed)
+    layer = nn.Linear(48, 40, seed=seed, dtype=np.float64)
+    x = Tensor(rng.standard_normal((3, 37, 48)), requires_grad=True)
+    y = layer(x)
+    y.backward(rng.standard_normal(y.shape))
+    return [y.data, x.grad, layer.weight.grad, layer.bias.grad]
+
+
+def test_the_engine_routes_linear_through_it_while_numba_is_current(nb, threads, monkeypatch):
+    calls = []
+    real = nb.dense_matmul
+    monkeypatch.setattr(nb, "dense_matmul", lambda a, b: calls.append((a.shape, b.shape)) or real(a, b))
+    with tm.use_backend("numpy"):
+        want = _linear_step()
+        assert engine._gemm_hook is None and not calls
+    with tm.use_backend("numba"):
+        got = _linear_step()
+    assert calls == [((111, 48), (48, 40)), ((111, 40), (40, 48)), ((48, 111), (111, 40))]  # y, dx, dW
+    for g, w in zip(got, want):
+        close(g, w, np.float64)
+
+
+def test_set_backend_holds_the_session_while_numba_is_current(nb):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    with tm.use_backend("numpy"):
+        before = blas_threads()
+        tm.set_backend("numba")
+        assert engine._gemm_hook is not None and set(blas_threads()) == {1}
+        with tm.backends.session():  # fit enters it again: harmless, and left as it was after
+            assert set(blas_threads()) == {1}
+        assert engine._gemm_hook is not None and set(blas_threads()) == {1}
+        tm.set_backend("numba")  # again: still one session
+        tm.set_backend("numpy")
+        assert engine._gemm_hook is None and blas_threads() == before
+        with tm.use_backend("numba"):
+            assert set(blas_threads()) == {1}
+        assert engine._gemm_hook is None and blas_threads() == before
+
+
+def test_a_moe_layer_step_is_the_same_inside_and_outside_an_explicit_session(nb, threads):
+    """The public layer needs no ceremony: use_backend alone gives what fit's session gives, bitwise."""
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((64, 24)).astype(np.float32), rng.standard_normal((64, 24)).astype(np.float32)
+
+    def step(explicit):
+        layer = nn.MoE(24, 40, 4, gate="top_k", k=2, seed=3)
+        t = Tensor(x, requires_grad=True)
+        with tm.use_backend("numba"), (tm.backends.session() if explicit else contextlib.nullcontext()):
+            layer(t).backward(dy)
+        return [t.grad] + [p.grad for p in layer.parameters()]
+
+    for a, b in zip(step(True), step(False)):
+        assert np.array_equal(a, b)
