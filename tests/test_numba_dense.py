@@ -157,3 +157,62 @@ def test_a_moe_layer_step_is_the_same_inside_and_outside_an_explicit_session(nb,
 
     for a, b in zip(step(True), step(False)):
         assert np.array_equal(a, b)
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_switching_backend_inside_an_explicit_session_gives_numpy_its_threads_back(nb):
+    """An explicit session (as fit enters, or a user who followed older docs) while numba is already current, and a
+    switch to numpy inside it: leaving the explicit session must not put numba's settings back under numpy."""
+    with tm.use_backend("numpy"):
+        before = _blas_threads()
+        tm.set_backend("numba")
+        with tm.backends.session():
+            tm.set_backend("numpy")
+            assert engine._gemm_hook is None and _blas_threads() == before
+        assert tm.get_backend() == "numpy" and engine._gemm_hook is None and _blas_threads() == before
+        tm.set_backend("numba")
+        tm.set_backend("numpy")
+        assert engine._gemm_hook is None and _blas_threads() == before
+
+
+def test_use_backend_restores_the_session_after_an_exception_and_when_nested(nb):
+    with tm.use_backend("numpy"):
+        before = _blas_threads()
+        with tm.use_backend("numba"):
+            with pytest.raises(KeyError), tm.use_backend("numpy"):
+                assert engine._gemm_hook is None and _blas_threads() == before
+                raise KeyError("inside")
+            assert tm.get_backend() == "numba" and engine._gemm_hook is not None and set(_blas_threads()) == {1}
+            with tm.use_backend("numpy"), tm.use_backend("numba"):  # numba inside numpy inside numba
+                assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
+            assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
+        assert engine._gemm_hook is None and _blas_threads() == before
+
+
+def test_a_backend_named_by_the_environment_holds_its_session_when_first_resolved(nb, monkeypatch):
+    with tm.use_backend("numpy"):
+        before = _blas_threads()
+        with monkeypatch.context() as m:  # undone before use_backend restores its backend
+            m.setattr(tm.backends, "_current", None)  # nothing chosen yet: get_backend reads TINYMOE_BACKEND
+            m.setenv("TINYMOE_BACKEND", "numba")
+            assert tm.get_backend() == "numba" and engine._gemm_hook is not None and set(_blas_threads()) == {1}
+            tm.set_backend("numpy")
+            assert engine._gemm_hook is None and _blas_threads() == before
+
+
+def test_set_backend_takes_up_the_session_again_when_current_was_reset_without_it(nb, monkeypatch):
+    """A fixture that resets the registry's current backend (tests/test_cupy_backend.py's fresh_registry) lets the
+    next get_backend leave numba's session; setting numba again must hold it again, not see "already current"."""
+    with tm.use_backend("numba"):
+        with monkeypatch.context() as m:
+            m.setattr(tm.backends, "_current", None)
+            m.delenv("TINYMOE_BACKEND", raising=False)
+            assert tm.get_backend() == "numpy" and engine._gemm_hook is None
+        assert tm.backends._current == "numba"  # put back by the fixture's undo, with the session left
+        tm.set_backend("numba")
+        assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
