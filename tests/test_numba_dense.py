@@ -216,3 +216,49 @@ def test_set_backend_takes_up_the_session_again_when_current_was_reset_without_i
         assert tm.backends._current == "numba"  # put back by the fixture's undo, with the session left
         tm.set_backend("numba")
         assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
+
+
+def _matmul_case(name, rng):
+    """(a, b) for a (..., k) @ (k, n) product of the engine in an awkward layout or dtype."""
+    base = rng.standard_normal((4, 37, 24))
+    w = rng.standard_normal((24, 40))
+    return {
+        "permuted a": (base.transpose(1, 0, 2), w),  # neither C nor F once flattened: reshape copies
+        "a a transposed view of a strided array": (rng.standard_normal((24, 6, 80))[:, :, ::2].T, w),
+        "b a strided slice": (base, rng.standard_normal((24, 80))[:, ::2]),
+        "b Fortran": (base, np.asfortranarray(w)),
+        "b a transposed strided view": (base, rng.standard_normal((80, 24))[::2].T),
+        "no rows": (base[:0], w),
+        "fewer rows than threads": (base[:1, :1], w),
+        "float16": (base.astype(np.float16), w.astype(np.float16)),
+        "float32 @ float64": (base.astype(np.float32), w),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["permuted a", "a a transposed view of a strided array", "b a strided slice",
+                                  "b Fortran", "b a transposed strided view", "no rows", "fewer rows than threads",
+                                  "float16", "float32 @ float64"])
+def test_the_engine_product_and_its_gradients_match_numpy_for_every_layout(nb, threads, name):
+    """Whatever the engine hands the hook (views, empty batches, dtypes it leaves to NumPy), Tensor @ W under numba
+    gives NumPy's product and gradients."""
+    def run(backend):
+        a, b = _matmul_case(name, np.random.default_rng(7))
+        ta, tb = Tensor(a, requires_grad=True), Tensor(b, requires_grad=True)
+        with tm.use_backend(backend):
+            y = ta @ tb
+            y.backward(np.random.default_rng(8).standard_normal(y.shape).astype(y.dtype))
+        return [y.data, ta.grad, tb.grad]
+
+    want, got = run("numpy"), run("numba")
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        tol = 1e-2 if g.dtype == np.float16 else 1e-5 if g.dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=tol, atol=tol * 10)
+
+
+def test_the_engine_leaves_integer_products_to_numpy(nb, threads):
+    a = np.arange(4 * 9 * 6).reshape(4, 9, 6)
+    b = np.arange(6 * 5).reshape(6, 5)
+    with tm.use_backend("numba"):
+        y = Tensor(a) @ Tensor(b)
+    assert y.dtype == (a @ b).dtype and np.array_equal(y.data, a @ b)
