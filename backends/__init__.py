@@ -205,8 +205,9 @@ def backend_module():
 
 def session():
     """The current backend's context for a whole training run, or a no-op when it has none. set_backend already
-    holds it while the backend is current, so inside this process it is a no-op then (`fit` still enters it, for a
-    backend made current some other way); it never changes what leaving the backend restores.
+    holds it while the backend is current, and this is then a no-op: a second copy would, on leaving, restore the
+    settings the first one made, and so outlive a switch of backend made inside it. `fit` still enters it, for a
+    backend made current some other way (a test that assigns the registry's `_current` directly).
 
     The numba backend pins NumPy's BLAS to one thread there and runs the engine's dense products on its own
     threads, so that OpenBLAS's busy-waiting workers do not take the cores from its parallel expert kernels."""
