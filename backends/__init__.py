@@ -37,6 +37,7 @@ _INSTALL = {"numba": "pip install 'tinymoe[numba]' (numba and scipy)",
 _loaded: dict = {}
 _current: str | None = None
 _held = contextlib.ExitStack()  # the current backend's session, held for as long as it is current (set_backend)
+_held_for: str | None = None  # whose session _held holds (None: nobody's yet, or it was left)
 _cupy_why: list = []  # the cached result of _probe_cupy (probing imports CuPy and asks the driver: once)
 
 
@@ -162,13 +163,27 @@ def set_backend(name):
     many threads other NumPy code in this process gets; switching to another backend gives them back."""
     global _current
     module = load(name)
-    if name == _current:
+    if name == _current and _held_for == name:
         return
-    _held.close()  # leave the previous backend's session
+    _leave()
     _current = name
+    _hold(name, module)
+
+
+def _hold(name, module):
+    """Enter `name`'s session (if it has one) into _held, and note whose it is once it is entered."""
+    global _held_for
     enter = getattr(module, "session", None)
     if enter is not None:
         _held.enter_context(enter())
+    _held_for = name
+
+
+def _leave():
+    """Leave the held session (the previous backend's): its settings go back to what they were before it."""
+    global _held_for
+    _held_for = None
+    _held.close()
 
 
 def get_backend() -> str:
@@ -190,11 +205,16 @@ def backend_module():
 
 def session():
     """The current backend's context for a whole training run, or a no-op when it has none. set_backend already
-    holds it while the backend is current; `fit` enters it as well (entering it twice is harmless).
+    holds it while the backend is current, and this is then a no-op: a second copy would, on leaving, restore the
+    settings the first one made, and so outlive a switch of backend made inside it. `fit` still enters it, for a
+    backend made current some other way (a test that assigns the registry's `_current` directly).
 
     The numba backend pins NumPy's BLAS to one thread there and runs the engine's dense products on its own
     threads, so that OpenBLAS's busy-waiting workers do not take the cores from its parallel expert kernels."""
-    enter = getattr(backend_module(), "session", None)
+    name = get_backend()
+    if _held_for == name:  # held by set_backend: a second copy would restore, on leaving, what the first one set
+        return contextlib.nullcontext()
+    enter = getattr(load(name), "session", None)
     return enter() if enter is not None else contextlib.nullcontext()
 
 
@@ -208,7 +228,7 @@ def use_backend(name):
         yield
     finally:
         if previous is None:
-            _held.close()
+            _leave()
             _current = None
         else:
             set_backend(previous)

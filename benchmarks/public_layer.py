@@ -7,7 +7,8 @@ What a user who writes their own training loop gets: `tm.set_backend(backend)` a
 `tm.backends.session()`. The dense-equivalent (`tm.nn.FeedForward` on the T·k rows, the same FLOPs) and the MoE
 layer take turns with no pause between them, as the layers of a model do: whatever one leaves behind on the CPU
 (for instance OpenBLAS worker threads that busy-wait after a multi-threaded call) the other meets. Reported: the
-median of `--repeat` turns each, ratio = MoE / dense; with `--session`, the same inside an explicit session too.
+median of `--repeat` turns each, ratio = MoE / dense; with `--session`, the same inside an explicit session too
+(a no-op now that set_backend holds the backend's session: the two rows should agree within noise).
 A second yardstick, `dense (numpy)`, is the same FFN on the numpy backend, i.e. NumPy's BLAS with its own threads.
 
 Shape: d 256, f 1024, 8 experts, top-2, float32, GELU (the train_step benchmark's medium layer).

@@ -157,3 +157,108 @@ def test_a_moe_layer_step_is_the_same_inside_and_outside_an_explicit_session(nb,
 
     for a, b in zip(step(True), step(False)):
         assert np.array_equal(a, b)
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_switching_backend_inside_an_explicit_session_gives_numpy_its_threads_back(nb):
+    """An explicit session (as fit enters, or a user who followed older docs) while numba is already current, and a
+    switch to numpy inside it: leaving the explicit session must not put numba's settings back under numpy."""
+    with tm.use_backend("numpy"):
+        before = _blas_threads()
+        tm.set_backend("numba")
+        with tm.backends.session():
+            tm.set_backend("numpy")
+            assert engine._gemm_hook is None and _blas_threads() == before
+        assert tm.get_backend() == "numpy" and engine._gemm_hook is None and _blas_threads() == before
+        tm.set_backend("numba")
+        tm.set_backend("numpy")
+        assert engine._gemm_hook is None and _blas_threads() == before
+
+
+def test_use_backend_restores_the_session_after_an_exception_and_when_nested(nb):
+    with tm.use_backend("numpy"):
+        before = _blas_threads()
+        with tm.use_backend("numba"):
+            with pytest.raises(KeyError), tm.use_backend("numpy"):
+                assert engine._gemm_hook is None and _blas_threads() == before
+                raise KeyError("inside")
+            assert tm.get_backend() == "numba" and engine._gemm_hook is not None and set(_blas_threads()) == {1}
+            with tm.use_backend("numpy"), tm.use_backend("numba"):  # numba inside numpy inside numba
+                assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
+            assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
+        assert engine._gemm_hook is None and _blas_threads() == before
+
+
+def test_a_backend_named_by_the_environment_holds_its_session_when_first_resolved(nb, monkeypatch):
+    with tm.use_backend("numpy"):
+        before = _blas_threads()
+        with monkeypatch.context() as m:  # undone before use_backend restores its backend
+            m.setattr(tm.backends, "_current", None)  # nothing chosen yet: get_backend reads TINYMOE_BACKEND
+            m.setenv("TINYMOE_BACKEND", "numba")
+            assert tm.get_backend() == "numba" and engine._gemm_hook is not None and set(_blas_threads()) == {1}
+            tm.set_backend("numpy")
+            assert engine._gemm_hook is None and _blas_threads() == before
+
+
+def test_set_backend_takes_up_the_session_again_when_current_was_reset_without_it(nb, monkeypatch):
+    """A fixture that resets the registry's current backend (tests/test_cupy_backend.py's fresh_registry) lets the
+    next get_backend leave numba's session; setting numba again must hold it again, not see "already current"."""
+    with tm.use_backend("numba"):
+        with monkeypatch.context() as m:
+            m.setattr(tm.backends, "_current", None)
+            m.delenv("TINYMOE_BACKEND", raising=False)
+            assert tm.get_backend() == "numpy" and engine._gemm_hook is None
+        assert tm.backends._current == "numba"  # put back by the fixture's undo, with the session left
+        tm.set_backend("numba")
+        assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
+
+
+def _matmul_case(name, rng):
+    """(a, b) for a (..., k) @ (k, n) product of the engine in an awkward layout or dtype."""
+    base = rng.standard_normal((4, 37, 24))
+    w = rng.standard_normal((24, 40))
+    return {
+        "permuted a": (base.transpose(1, 0, 2), w),  # neither C nor F once flattened: reshape copies
+        "a a transposed view of a strided array": (rng.standard_normal((24, 6, 80))[:, :, ::2].T, w),
+        "b a strided slice": (base, rng.standard_normal((24, 80))[:, ::2]),
+        "b Fortran": (base, np.asfortranarray(w)),
+        "b a transposed strided view": (base, rng.standard_normal((80, 24))[::2].T),
+        "no rows": (base[:0], w),
+        "fewer rows than threads": (base[:1, :1], w),
+        "float16": (base.astype(np.float16), w.astype(np.float16)),
+        "float32 @ float64": (base.astype(np.float32), w),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["permuted a", "a a transposed view of a strided array", "b a strided slice",
+                                  "b Fortran", "b a transposed strided view", "no rows", "fewer rows than threads",
+                                  "float16", "float32 @ float64"])
+def test_the_engine_product_and_its_gradients_match_numpy_for_every_layout(nb, threads, name):
+    """Whatever the engine hands the hook (views, empty batches, dtypes it leaves to NumPy), Tensor @ W under numba
+    gives NumPy's product and gradients."""
+    def run(backend):
+        a, b = _matmul_case(name, np.random.default_rng(7))
+        ta, tb = Tensor(a, requires_grad=True), Tensor(b, requires_grad=True)
+        with tm.use_backend(backend):
+            y = ta @ tb
+            y.backward(np.random.default_rng(8).standard_normal(y.shape).astype(y.dtype))
+        return [y.data, ta.grad, tb.grad]
+
+    want, got = run("numpy"), run("numba")
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        tol = 1e-2 if g.dtype == np.float16 else 1e-5 if g.dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=tol, atol=tol * 10)
+
+
+def test_the_engine_leaves_integer_products_to_numpy(nb, threads):
+    a = np.arange(4 * 9 * 6).reshape(4, 9, 6)
+    b = np.arange(6 * 5).reshape(6, 5)
+    with tm.use_backend("numba"):
+        y = Tensor(a) @ Tensor(b)
+    assert y.dtype == (a @ b).dtype and np.array_equal(y.data, a @ b)

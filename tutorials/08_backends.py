@@ -126,7 +126,7 @@ for name, be, n_threads in (("numpy", ref, None), ("numba, 1 thread", nb, 1),
     order, offsets, inverse = be.route(expert_idx, E)
     xs = be.gather(xa, order, k)
     out, h = be.expert_ffn(xs, offsets, w1, b1, w2, b2, "gelu")
-    with tm.backends.session() if be is nb else contextlib.nullcontext():  # numba: BLAS on one thread
+    with nb.session() if be is nb else contextlib.nullcontext():  # numba's session: NumPy's BLAS on one thread
         timings[name] = {"route": best_of(lambda: be.route(expert_idx, E), 20),
                          "gather": best_of(lambda: be.gather(xa, order, k), 20),
                          "expert_ffn": best_of(lambda: be.expert_ffn(xs, offsets, w1, b1, w2, b2, "gelu"), 20),
@@ -249,6 +249,10 @@ except Exception as err:  # an AssertionError (or a group of them) from the smal
 # ## 5. The whole layer
 # Switching backend is one line (`tm.use_backend`, or `TINYMOE_BACKEND=numba`); outputs agree to float32
 # rounding. Timings here are small-size and noisy on a shared machine: `make bench` measures properly.
+#
+# One side effect to know: while numba is the current backend, NumPy's BLAS in this whole process runs on one
+# thread and tinymoe's dense layers run their products on numba's threads (OpenBLAS's idle threads busy-wait after
+# each call and would slow the next expert kernel 2x). Switching back to numpy gives NumPy its threads back.
 
 # %%
 def layer_time(backend):
