@@ -10,8 +10,8 @@ the same on both and the difference is within noise; under CPU contention the or
 times has flipped before (benchmarks/README.md). A few timed steps, interleaved so that a change of load hits
 both alike, decide it for the shapes and the load at hand.
 
-`step()` is called under `tm.use_backend(name)` and that backend's session (`tm.backends.session()`, which fit
-enters too); it should run one forward + backward of a real batch and leave the parameters unchanged (no
+`step()` is called under `tm.use_backend(name)`, which holds that backend's session (the numba backend's: NumPy's
+BLAS on one thread, the dense products on numba's threads); it should run one forward + backward of a real batch and leave the parameters unchanged (no
 optimizer step: gradients may accumulate, the caller zeroes them afterwards).
 """
 from __future__ import annotations

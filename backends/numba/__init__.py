@@ -42,7 +42,7 @@ engine's dense products (Linear, attention projections, router, head) run on num
 row blocks and split sums; about as fast as OpenBLAS's own two threads on the products of the benchmark models).
 OpenBLAS's idle workers busy-wait ~0.1 s after each multi-threaded call; an expert kernel started in that window
 ran at half speed on 2 cores, which made the public tm.nn.MoE layer 1.44x a dense FFN called before it when the
-user had not entered a session (0.76x once set_backend held it).
+user had not entered a session (0.81-0.89x once set_backend held it).
 
 Compilation: kernels are compiled on first use (~15-30 s for all of them, both dtypes) and cached on disk (numba
 `cache=True`, in __pycache__ or NUMBA_CACHE_DIR; a warm start loads them in ~0.5 s). Set TINYMOE_NUMBA_CACHE=0 to

@@ -5,8 +5,9 @@ engine's (N, k)·(k, n) products of `Linear` and friends come here instead (tiny
 runs single-threaded BLAS (SciPy's sgemm/dgemm through Numba's np.dot) on its block:
 
 * a·b, a (N, k) C-contiguous, b (k, n) C- or F-contiguous (bᵀ of an F-contiguous view goes through the BLAS
-  transpose flag): thread i computes rows bounds[i]:bounds[i + 1] of the output. Every output row is one
-  single-threaded GEMM's row, whatever the split.
+  transpose flag): thread i computes rows bounds[i]:bounds[i + 1] of the output. BLAS blocks a product by its
+  shape, so the last bits of a row can depend on the block it fell in: the same thread count gives bitwise the same
+  result, another thread count (or NumPy's own product) may differ in the last bits.
 * aᵀ·g (the weight gradient xᵀ·dy), x (N, k) and g (N, n) C-contiguous: the sum over N is split into blocks, thread i
   computes xᵀ·g over its block into parts[i], and `sum_parts` adds the parts in block order (deterministic for a
   given thread count, like the expert kernels' split weight gradients).
