@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 # Idle OpenMP workers sleep instead of spinning (set before numba first starts its OpenMP pool; a user's own
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins). With the default spin, a step whose kernels are many short parallel
@@ -114,6 +115,28 @@ def _threads_for(size, threshold):
         yield
     finally:
         numba.set_num_threads(threads)
+
+
+_scratch_memory = threading.local()  # .buffer: this thread's scratch bytes, kept between calls
+_ALIGN = 64  # bytes: each scratch array starts on a cache line
+
+
+def _scratch(count, shape, dtype):
+    """`count` C-contiguous arrays of `shape` and `dtype` for the kernels' intermediate values, carved out of one
+    buffer per thread that is kept between calls and grown when a call needs more. Their contents are whatever the
+    last call left: every element is written before it is read.
+
+    Why: a fresh 16-32 MB array is memory the OS must map and zero on first touch, inside the kernel; that was 12-13 %
+    of an expert backward at the medium and big training shapes (71.3 against 62.6 ms, 234.0 against 202.6). The
+    buffer holds the largest call's scratch (two (R, f) arrays of the backward: 64 MB at R 4096, f 2048, float32)
+    for as long as the thread lives. Scratch never leaves the call that takes it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    stride = -(-nbytes // _ALIGN) * _ALIGN
+    buffer = getattr(_scratch_memory, "buffer", None)
+    if buffer is None or buffer.nbytes < count * stride + _ALIGN:
+        buffer = _scratch_memory.buffer = np.empty(count * stride + _ALIGN, dtype=np.uint8)
+    start = -buffer.ctypes.data % _ALIGN
+    return [buffer[start + i * stride:start + i * stride + nbytes].view(dtype).reshape(shape) for i in range(count)]
 
 
 def _bools(a, shape):
@@ -218,7 +241,7 @@ def expert_ffn(xs, offsets, w1, b1, w2, b2, activation="gelu"):
     offsets = _ints(offsets)
     R, f, d_out = xs.shape[0], w1.shape[2], w2.shape[2]
     h = np.empty((R, f), dtype=work)
-    a = np.empty((R, f), dtype=work)  # act(h): scratch
+    (a,) = _scratch(1, (R, f), work)  # act(h)
     out = np.empty((R, d_out), dtype=work)
     with _threads_for(4 * R * w1.shape[1] * f, PARALLEL_MIN_FLOPS):
         tiles, bins, _ = _plan(offsets)
@@ -239,8 +262,7 @@ def expert_ffn_backward(dout, xs, h, offsets, w1, w2, activation="gelu"):
     offsets = _ints(offsets)
     E, d, f = w1.shape
     d_out = w2.shape[2]
-    g = np.empty_like(h)  # scratch: act(h), then dh
-    slope = np.empty_like(h)  # scratch: act'(h), computed with act(h) in one pass
+    g, slope = _scratch(2, h.shape, h.dtype)  # act(h), then dh; act'(h), computed with act(h) in one pass
     dxs = np.empty_like(xs) if offsets[0] == 0 and offsets[-1] == xs.shape[0] else np.zeros_like(xs)
     dw1, db1 = np.zeros((E, d, f), dtype=work), np.zeros((E, f), dtype=work)
     dw2, db2 = np.zeros((E, f, d_out), dtype=work), np.zeros((E, d_out), dtype=work)
