@@ -11,8 +11,8 @@ times has flipped before (benchmarks/README.md). A few timed steps, interleaved 
 both alike, decide it for the shapes and the load at hand.
 
 `step()` is called under `tm.use_backend(name)`, which holds that backend's session (the numba backend's: NumPy's
-BLAS on one thread, the dense products on numba's threads); it should run one forward + backward of a real batch and leave the parameters unchanged (no
-optimizer step: gradients may accumulate, the caller zeroes them afterwards).
+BLAS on one thread, the dense products on numba's threads); it should run one forward + backward of a real batch
+and leave the parameters unchanged (no optimizer step: gradients may accumulate, the caller zeroes them afterwards).
 """
 from __future__ import annotations
 

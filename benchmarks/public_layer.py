@@ -66,7 +66,8 @@ def measure(rows_per_expert, backend, repeat, explicit_session=False, seed=0):
             gc.enable()
     med = {key: statistics.median(v) for key, v in times.items()}
     return {"rows_per_expert": rows_per_expert, "tokens": T, "backend": backend, "explicit_session": explicit_session,
-            "median_s": med, "ratio": med["moe"] / med["dense"], "ratio_vs_numpy_dense": med["moe"] / med["dense (numpy)"],
+            "median_s": med, "ratio": med["moe"] / med["dense"],
+            "ratio_vs_numpy_dense": med["moe"] / med["dense (numpy)"],
             "seconds": times}
 
 

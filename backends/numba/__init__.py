@@ -24,9 +24,7 @@ No atomics and sums in a fixed order: the same input gives bitwise the same outp
 
 Thread choice for the expert GEMMs (P = numba.get_num_threads()): always `prange` over the P threads with BLAS
 pinned to one thread (threadpoolctl), never BLAS threads under or beside numba's pool. The work is cut into tiles:
-an expert's rows, where an expert with more than ⌈R / (TILES_PER_THREAD·P)⌉ rows (PARALLEL_MIN_ELEMENTS = 1 << 16  # gather / combine on fewer floats than this run on one thread
-PARALLEL_MIN_FLOPS = 1 << 24  # an expert FFN call of fewer FLOPs than this runs on one thread
-TILES_PER_THREAD = 2; never less
+an expert's rows, where an expert with more than ⌈R / (TILES_PER_THREAD·P)⌉ rows (TILES_PER_THREAD = 2; never less
 than MIN_TILE_ROWS = 128) is cut into row tiles of that size; the tiles are packed onto the threads longest first
 (LPT). So many experts run in parallel, one per thread at a time, and a few large experts (E < 2P, or one expert
 holding most rows) are split across the threads instead of run in turn with multi-threaded BLAS, which is much
@@ -79,7 +77,8 @@ from . import _ffn, _gemm, _optim, _routing  # noqa: E402
 from ._jit import cache_enabled  # noqa: E402
 
 __all__ = ["capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
-           "combine_backward", "adam_step", "dense_matmul", "warmup", "session", "cache_enabled", "TILES_PER_THREAD", "MIN_TILE_ROWS"]
+           "combine_backward", "adam_step", "dense_matmul", "warmup", "session", "cache_enabled", "TILES_PER_THREAD",
+           "MIN_TILE_ROWS"]
 
 PARALLEL_MIN_ELEMENTS = 1 << 16  # gather / combine on fewer floats than this run on one thread
 PARALLEL_MIN_FLOPS = 1 << 24  # an expert FFN call of fewer FLOPs than this runs on one thread
