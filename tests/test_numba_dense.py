@@ -6,8 +6,6 @@
   and gradients agree with the NumPy backend's (which the gradient checks cover);
 * set_backend / use_backend hold the session while numba is current and give NumPy its BLAS threads back after.
 """
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -122,47 +120,26 @@ def test_the_engine_routes_linear_through_it_while_numba_is_current(nb, threads,
         close(g, w, np.float64)
 
 
-def test_set_backend_holds_the_session_while_numba_is_current(nb):
-    from threadpoolctl import threadpool_info
-
-    def blas_threads():
-        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
-
-    with tm.use_backend("numpy"):
-        before = blas_threads()
-        tm.set_backend("numba")
-        assert engine._gemm_hook is not None and set(blas_threads()) == {1}
-        with tm.backends.session():  # fit enters it again: harmless, and left as it was after
-            assert set(blas_threads()) == {1}
-        assert engine._gemm_hook is not None and set(blas_threads()) == {1}
-        tm.set_backend("numba")  # again: still one session
-        tm.set_backend("numpy")
-        assert engine._gemm_hook is None and blas_threads() == before
-        with tm.use_backend("numba"):
-            assert set(blas_threads()) == {1}
-        assert engine._gemm_hook is None and blas_threads() == before
-
-
-def test_a_moe_layer_step_is_the_same_inside_and_outside_an_explicit_session(nb, threads):
-    """The public layer needs no ceremony: use_backend alone gives what fit's session gives, bitwise."""
-    rng = np.random.default_rng(1)
-    x, dy = rng.standard_normal((64, 24)).astype(np.float32), rng.standard_normal((64, 24)).astype(np.float32)
-
-    def step(explicit):
-        layer = nn.MoE(24, 40, 4, gate="top_k", k=2, seed=3)
-        t = Tensor(x, requires_grad=True)
-        with tm.use_backend("numba"), (tm.backends.session() if explicit else contextlib.nullcontext()):
-            layer(t).backward(dy)
-        return [t.grad] + [p.grad for p in layer.parameters()]
-
-    for a, b in zip(step(True), step(False)):
-        assert np.array_equal(a, b)
-
-
 def _blas_threads():
     from threadpoolctl import threadpool_info
 
-    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]  # NumPy's, SciPy's
+
+
+def test_set_backend_holds_the_session_while_numba_is_current(nb):
+    with tm.use_backend("numpy"):
+        before = _blas_threads()
+        tm.set_backend("numba")
+        assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
+        with tm.backends.session():  # fit enters it again: harmless, and left as it was after
+            assert set(_blas_threads()) == {1}
+        assert engine._gemm_hook is not None and set(_blas_threads()) == {1}
+        tm.set_backend("numba")  # again: still one session
+        tm.set_backend("numpy")
+        assert engine._gemm_hook is None and _blas_threads() == before
+        with tm.use_backend("numba"):
+            assert set(_blas_threads()) == {1}
+        assert engine._gemm_hook is None and _blas_threads() == before
 
 
 def test_switching_backend_inside_an_explicit_session_gives_numpy_its_threads_back(nb):
