@@ -40,7 +40,7 @@ def step_times(step, candidates=None, trials=5, warmup=1) -> dict:
     Each candidate first runs `warmup` untimed steps (compilation, first-touch allocation); then the candidates
     take turns, one timed step each per round, for `trials` rounds.
     """
-    from . import available, session, use_backend
+    from . import available, use_backend
 
     names = list(available() if candidates is None else candidates)
     if not names:
@@ -49,12 +49,12 @@ def step_times(step, candidates=None, trials=5, warmup=1) -> dict:
         raise ValueError(f"step_times: trials must be at least 1, got {trials}")
     times = {name: [] for name in names}
     for name in names:
-        with use_backend(name), session():
+        with use_backend(name):
             for _ in range(warmup):
                 step()
     for _ in range(trials):
         for name in names:
-            with use_backend(name), session():
+            with use_backend(name):
                 t0 = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t0)

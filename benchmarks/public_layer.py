@@ -7,8 +7,7 @@ What a user who writes their own training loop gets: `tm.set_backend(backend)` a
 `tm.backends.session()`. The dense-equivalent (`tm.nn.FeedForward` on the T·k rows, the same FLOPs) and the MoE
 layer take turns with no pause between them, as the layers of a model do: whatever one leaves behind on the CPU
 (for instance OpenBLAS worker threads that busy-wait after a multi-threaded call) the other meets. Reported: the
-median of `--repeat` turns each, ratio = MoE / dense; with `--session`, the same inside an explicit session too
-(a no-op now that set_backend holds the backend's session: the two rows should agree within noise).
+median of `--repeat` turns each, ratio = MoE / dense.
 A second yardstick, `dense (numpy)`, is the same FFN on the numpy backend, i.e. NumPy's BLAS with its own threads.
 
 Shape: d 256, f 1024, 8 experts, top-2, float32, GELU (the train_step benchmark's medium layer).
@@ -16,7 +15,6 @@ Shape: d 256, f 1024, 8 experts, top-2, float32, GELU (the train_step benchmark'
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import statistics
@@ -40,7 +38,7 @@ def _step(module, x, dy):
     return time.perf_counter() - t0
 
 
-def measure(rows_per_expert, backend, repeat, explicit_session=False, seed=0):
+def measure(rows_per_expert, backend, repeat, seed=0):
     """Median seconds of the MoE layer and of the dense FFN, taking turns; and of the dense FFN on numpy."""
     T = rows_per_expert * E // K
     rng = np.random.default_rng(seed)
@@ -54,18 +52,17 @@ def measure(rows_per_expert, backend, repeat, explicit_session=False, seed=0):
             _step(ffn, xd, dyd)
         times["dense (numpy)"] = [_step(ffn, xd, dyd) for _ in range(repeat)]
     tm.set_backend(backend)  # as a user does; the loop below never pauses
-    with tm.backends.session() if explicit_session else contextlib.nullcontext():
-        for _ in range(3):
-            _step(ffn, xd, dyd), _step(moe, x, dy)
-        gc.disable()
-        try:
-            for _ in range(repeat):
-                times["dense"].append(_step(ffn, xd, dyd))
-                times["moe"].append(_step(moe, x, dy))
-        finally:
-            gc.enable()
+    for _ in range(3):
+        _step(ffn, xd, dyd), _step(moe, x, dy)
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            times["dense"].append(_step(ffn, xd, dyd))
+            times["moe"].append(_step(moe, x, dy))
+    finally:
+        gc.enable()
     med = {key: statistics.median(v) for key, v in times.items()}
-    return {"rows_per_expert": rows_per_expert, "tokens": T, "backend": backend, "explicit_session": explicit_session,
+    return {"rows_per_expert": rows_per_expert, "tokens": T, "backend": backend,
             "median_s": med, "ratio": med["moe"] / med["dense"],
             "ratio_vs_numpy_dense": med["moe"] / med["dense (numpy)"],
             "seconds": times}
@@ -76,23 +73,19 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 512, 1024], help="rows per expert")
     ap.add_argument("--backend", default="numba" if "numba" in tm.backends.available() else "numpy")
     ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--session", action="store_true", help="also measure inside an explicit tm.backends.session()")
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
     if args.backend == "numba":
         tm.backends.load("numba").warmup()
-    rows = []
-    for r in args.rows:
-        for explicit in ((False, True) if args.session else (False,)):
-            rows.append(measure(r, args.backend, args.repeat, explicit))
+    rows = [measure(r, args.backend, args.repeat) for r in args.rows]
     with open("/proc/loadavg") as fh:
         load = " ".join(fh.read().split()[:3])
     print(f"tm.nn.MoE (d {D}, f {F}, {E} experts, top-{K}) forward + backward in a user's loop, backend "
           f"{args.backend}, medians of {args.repeat}; load {load}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"{'rows/expert':>12}{'session':>9}{'moe ms':>9}{'dense ms':>10}{'ratio':>7}{'dense(numpy) ms':>17}{'ratio':>7}")
+    print(f"{'rows/expert':>12}{'moe ms':>9}{'dense ms':>10}{'ratio':>7}{'dense(numpy) ms':>17}{'ratio':>7}")
     for row in rows:
         m = row["median_s"]
-        print(f"{row['rows_per_expert']:>12}{'yes' if row['explicit_session'] else 'no':>9}{1e3 * m['moe']:>9.1f}"
+        print(f"{row['rows_per_expert']:>12}{1e3 * m['moe']:>9.1f}"
               f"{1e3 * m['dense']:>10.1f}{row['ratio']:>7.2f}{1e3 * m['dense (numpy)']:>17.1f}"
               f"{row['ratio_vs_numpy_dense']:>7.2f}")
     if args.json:

@@ -15,18 +15,13 @@ columns are empty.
 Timing: the contenders hold their own model and optimizer and take steps in turn (round-robin, one step each per
 round, a short pause between contenders so one runtime's spinning worker threads have gone to sleep before the
 next starts); the figure is the median over rounds, so a change of machine load shifts every contender alike.
-The numba contender runs inside `tm.backends.session()` as fit does. Every process uses --threads threads
+The numba contender runs inside its session (held by `tm.use_backend`), as fit does. Every process uses --threads threads
 (BLAS, numba, torch). Also reported per tinymoe contender: the expert FFN (forward + backward primitives) against
 the bound its FLOPs allow at this process's sgemm rate (a (2048, 512)·(512, 2048) GEMM timed in every round), and
 the optimizer (clip + AdamW) time of every contender.
 
 Peak memory (--memory, on by default): each contender runs a few steps in a fresh subprocess; the number is the
 growth of the peak resident set (VmHWM) over the resident set after building the model (MB).
-
---own-loop adds the numba backend with no explicit `tm.backends.session()` (contender "numba-own-loop"), only
-`tm.use_backend("numba")` as a user's own loop would have. Since use_backend holds the backend's session, it runs
-the same path as the "numba" contender; the column shows that a loop without the ceremony is as fast (own ms,
-own/torch; its expert FFN and optimizer times are in the JSON).
 
 --busy N starts N processes that spin on the CPUs for the timed part (not for the memory children): how each
 contender degrades when another job keeps cores busy.
@@ -57,7 +52,6 @@ CONFIGS = {  # batch × seq_len tokens; every block is an MoE block
 VOCAB = 16
 LR, WEIGHT_DECAY, CLIP = 1e-3, 0.01, 1.0
 CONTENDERS = ("numpy", "numba", "torch")
-OWN_LOOP = "numba-own-loop"  # --own-loop: numba with no explicit tm.backends.session(), as a user's own loop runs
 
 
 def model_config(name, seed=0) -> ModelConfig:
@@ -108,21 +102,17 @@ class FFNTimer:
 
 
 class TinymoeRunner:
-    def __init__(self, name, backend, seed=0, session=True):
-        self.backend, self.session = backend, session
+    def __init__(self, name, backend, seed=0):
+        self.backend = backend
         with tm.use_backend(backend):
             self.model = MoETransformer(model_config(name, seed))
         self.opt = AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         self.ffn_seconds, self.ffn_flops, self.opt_seconds = [], [], []
 
-    def _session(self):
-        """The session fit enters (after use_backend: it is the current backend's), or none for --own-loop."""
-        return tm.backends.session() if self.session else contextlib.nullcontext()
-
     def step(self, tokens, targets) -> float:
         """One fit step; returns the loss."""
         module = tm.backends.load(self.backend)
-        with tm.use_backend(self.backend), self._session(), FFNTimer(module) as ffn:
+        with tm.use_backend(self.backend), FFNTimer(module) as ffn:  # use_backend holds its session, as in fit
             logits = self.model(tokens)
             total = F.cross_entropy(logits, targets) + self.model.aux_loss()
             self.opt.zero_grad()
@@ -250,8 +240,6 @@ def have_torch():
 
 
 def make_runner(contender, name):
-    if contender == OWN_LOOP:
-        return TinymoeRunner(name, "numba", session=False)
     return TorchRunner(name) if contender == "torch" else TinymoeRunner(name, contender)
 
 
@@ -350,8 +338,6 @@ def peak_memory(contender, name, threads):
 def format_rows(rows) -> str:
     lines = [f"{'config':<8}{'numpy ms':>10}{'numba ms':>10}{'torch ms':>10}{'np/torch':>10}{'nb/torch':>10}"
              f"{'nb/np':>8}{'ffn/bound np,nb':>17}{'opt ms np/nb/torch':>22}{'peak MB np/nb/torch':>22}"]
-    if any(OWN_LOOP in r["median_s"] for r in rows):
-        lines[0] += f"{'own ms':>10}{'own/torch':>10}"  # numba with no explicit session (--own-loop)
     for r in rows:
         m = r["median_s"]
 
@@ -366,9 +352,8 @@ def format_rows(rows) -> str:
         opt = "/".join(f"{1e3 * r['optimizer_s'][c]:.1f}" if c in r["optimizer_s"] else "-" for c in CONTENDERS)
         mem = r.get("peak_mb", {})
         peak = "/".join(f"{mem[c]:.0f}" if mem.get(c) is not None else "-" for c in CONTENDERS)
-        own = f"{ms(OWN_LOOP):>10}{ratio(OWN_LOOP, 'torch'):>10}" if OWN_LOOP in m else ""
         lines.append(f"{r['config']:<8}{ms('numpy'):>10}{ms('numba'):>10}{ms('torch'):>10}{ratio('numpy', 'torch'):>10}"
-                     f"{ratio('numba', 'torch'):>10}{ratio('numba', 'numpy'):>8}{bound:>17}{opt:>22}{peak:>22}{own}")
+                     f"{ratio('numba', 'torch'):>10}{ratio('numba', 'numpy'):>8}{bound:>17}{opt:>22}{peak:>22}")
     return "\n".join(lines)
 
 
@@ -381,8 +366,6 @@ def main(argv=None):
     ap.add_argument("--settle", type=float, default=0.3, help="pause (s) before each contender's step")
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--own-loop", action="store_true",
-                    help=f"also time numba with no explicit tm.backends.session() ({OWN_LOOP}: a user's own loop)")
     ap.add_argument("--busy", type=int, default=0, metavar="N",
                     help="keep N extra processes spinning on the CPUs while timing (degrades-gracefully check)")
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
@@ -395,8 +378,6 @@ def main(argv=None):
     set_threads(args.threads)
     contenders = [c for c in CONTENDERS if c != "torch" or (args.torch and have_torch())]
     contenders = [c for c in contenders if c == "torch" or c in tm.backends.available()]
-    if args.own_loop and "numba" in contenders:
-        contenders.insert(contenders.index("numba") + 1, OWN_LOOP)
     if "numba" in contenders:
         tm.backends.load("numba").warmup()
     with open("/proc/loadavg") as fh:
@@ -409,7 +390,7 @@ def main(argv=None):
             row = time_config(name, contenders, repeat, args.warmup, args.settle, args.threads)
         row["busy_processes"] = args.busy
         if args.memory:
-            row["peak_mb"] = {c: peak_memory(c, name, args.threads) for c in contenders if c != OWN_LOOP}
+            row["peak_mb"] = {c: peak_memory(c, name, args.threads) for c in contenders}
         rows.append(row)
         log(f"{name}: " + ", ".join(f"{c} {1e3 * t:.1f} ms" for c, t in row["median_s"].items()))
     with open("/proc/loadavg") as fh:
@@ -455,7 +436,7 @@ def gpu_step_times(contender, steps, warmup, seed=0):
 
         xp, sync = cupy, cupy.cuda.get_current_stream().synchronize
     times, losses = [], []
-    with tm.use_backend(contender), tm.backends.session():
+    with tm.use_backend(contender):  # holds the backend's session, as fit's
         model = MoETransformer(cfg)
         if contender == "cupy":
             model.to("cupy")
