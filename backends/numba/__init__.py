@@ -337,7 +337,7 @@ def adam_step(p, g, m, v, b1, b2, eps, step_size, inv_root_bc2, decay) -> bool:
 @contextlib.contextmanager
 def session():
     """The numba backend's context, held while it is the current backend (`tm.set_backend("numba")`,
-    `tm.use_backend`; `fit` enters it too): NumPy's BLAS pinned to one thread, and the engine's dense 2-D products
+    `tm.use_backend`): NumPy's BLAS pinned to one thread, and the engine's dense 2-D products
     (`Linear`, the attention projections, the router, the head) run on numba's threads (`dense_matmul`).
 
     Why: after each multi-threaded call OpenBLAS's worker threads busy-wait for about 0.1 s, and a numba expert
