@@ -116,6 +116,24 @@ def test_clip_scales_gradients_that_share_memory_once():
     np.testing.assert_array_equal(shared, [3.0, 4.0])
 
 
+def test_clip_scales_views_of_one_gradient_once_on_a_device_without_base():
+    """On a device array type that cannot tell views apart (tinymoe.guarded has no `.base`), two parameters whose
+    gradients view one array (`a + c.reshape(2, 3)`) must still be scaled once, as on the host."""
+    from tinymoe import guarded
+    from tinymoe.engine import Tensor
+
+    def clipped(xp):
+        a = Tensor(xp.asarray(np.arange(6, dtype=np.float32).reshape(2, 3)), requires_grad=True)
+        c = Tensor(xp.asarray(np.arange(6, dtype=np.float32)), requires_grad=True)
+        y = a + c.reshape(2, 3)
+        (y * y).sum().backward()
+        clip_grad_norm([a, c], 0.5)
+        return [t.grad.get() if hasattr(t.grad, "get") else t.grad for t in (a, c)]
+
+    for host, dev in zip(clipped(np), clipped(guarded.xp)):
+        np.testing.assert_array_equal(host, dev)
+
+
 def test_numpy_adam_on_blocks_is_bitwise_the_whole_array_update(monkeypatch):
     """The NumPy update runs on cache-sized blocks of the flat arrays; being elementwise, it must give bitwise
     the result of one pass over whole arrays (non-contiguous arrays take the whole-array path)."""
@@ -125,7 +143,7 @@ def test_numpy_adam_on_blocks_is_bitwise_the_whole_array_update(monkeypatch):
     start = rng.standard_normal((300, 301)).astype(np.float32)
     grads = [rng.standard_normal(start.shape).astype(np.float32) for _ in range(3)]
     runs = []
-    for block in (1000, 10**9):  # 1000 does not divide 90 300: a short last block
+    for block in (1000, start.size):  # 1000 does not divide 90 300: a short last block; then one whole block
         monkeypatch.setattr(optim, "BLOCK", block)
         p = Parameter(start.copy())
         opt = AdamW([p], lr=1e-2, weight_decay=0.1)

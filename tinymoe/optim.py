@@ -97,7 +97,7 @@ class Adam(Optimizer):
         m ← β₁m + (1 − β₁)g,   v ← β₂v + (1 − β₂)g²
         p ← p − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)       (= lr · m̂ / (√v̂ + ε))
 
-    When the current backend offers a fused kernel (`adam_step`, the numba backend does), the whole update is one
+    When the backend for the arrays offers a fused kernel (`adam_step`: numba, cupy), the whole update is one
     pass over p, g, m and v; its result is tested against this formula.
     """
 
@@ -117,10 +117,11 @@ class Adam(Optimizer):
         step_size = self.lr / (1 - b1**self.step_count)  # lr / (1 - β₁ᵗ)
         inv_root_bc2 = 1.0 / math.sqrt(1 - b2**self.step_count)  # 1 / √(1 - β₂ᵗ)
         decay = 1.0 - self.lr * self.weight_decay if self.decoupled else 1.0  # AdamW: p ← (1 - lr·wd)·p first
-        fused = _backend_kernel("adam_step")
+        fused = _backend_kernel("adam_step", p.data)
         if fused is not None and fused(p.data, g, m, v, b1, b2, self.eps, step_size, inv_root_bc2, decay):
             return  # done in one pass (a kernel returns False for arrays it does not take)
-        for pb, gb, mb, vb in _blocks(p.data, g, m, v):
+        blocks = _blocks(p.data, g, m, v) if xp is np else [(p.data, g, m, v)]  # blocks fit a CPU's cache
+        for pb, gb, mb, vb in blocks:
             t = self._scratch_like(pb)
             xp.multiply(gb, 1 - b1, out=t)
             mb *= b1
@@ -182,7 +183,8 @@ def clip_grad_norm(params, max_norm):
     GPU). Should a float32 one overflow, underflow or be NaN, that gradient is summed again in float64, so the
     total is exact enough where it matters and a NaN or inf gradient still raises. Gradients are scaled in place
     (as PyTorch's clip_grad_norm_), except where two of them share memory (one op can hand the same array to two
-    inputs): those get a scaled copy, so that nothing is scaled twice."""
+    inputs) or an array cannot say what memory it views (no `.base`): those get a scaled copy, so that nothing is
+    scaled twice."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -195,7 +197,8 @@ def clip_grad_norm(params, max_norm):
         for p in params:
             if p.grad is None:
                 continue
-            if owners[id(_owner(p.grad))] > 1 or not getattr(p.grad.flags, "writeable", True):
+            if (not hasattr(p.grad, "base") or owners[id(_owner(p.grad))] > 1
+                    or not getattr(p.grad.flags, "writeable", True)):
                 p.grad = p.grad * scale  # a new array: this memory is also another parameter's gradient
             else:
                 p.grad *= scale
@@ -226,12 +229,13 @@ def _squared_norms(grads) -> list[float]:
     return squares
 
 
-def _backend_kernel(name):
-    """The current backend's optional kernel `name` (e.g. the numba backend's fused adam_step), else None."""
+def _backend_kernel(name, data):
+    """Optional kernel `name` (e.g. a fused adam_step) of the backend for where `data` lives (backends.for_arrays:
+    the current host backend for NumPy arrays, cupy for CuPy arrays), else None."""
     from . import backends
 
     try:
-        return getattr(backends.backend_module(), name, None)
+        return getattr(backends.for_arrays(data), name, None)
     except backends.BackendUnavailable:
         return None
 
