@@ -52,7 +52,6 @@ def test_bench_gpu_rows_table_and_targets(stand_in, capsys):
         assert r["rel_err_vs_numpy"] == 0.0  # the stand-in backend is the reference itself
         for mode in ("fwd", "fwdbwd"):
             assert r[f"ratio_{mode}"] == pytest.approx(r[f"moe_{mode}_s"] / r[f"dense_{mode}_s"])
-            assert r[f"t_bound_{mode}_s"] >= r[f"dense_{mode}_s"] * (1 - 1e-9)  # the bound includes the FLOP time
             assert 0 < r[f"dispatch_share_{mode}"] < 1
         assert set(r["stage_s"]) == set(bench.STAGES_FWD + bench.STAGES_BWD)
     table = bench.format_table(rows, {})
