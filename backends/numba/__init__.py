@@ -302,7 +302,7 @@ def dense_matmul(a, b):
         _gemm.rows_kernel(a, b, out, _blocks(m, threads))
         return out
     if a.flags.f_contiguous and b.flags.c_contiguous and inner >= threads:  # xᵀ·g: split the sum over N = inner
-        parts = np.empty((threads, m, n), dtype=a.dtype)
+        (parts,) = _scratch(1, (threads, m, n), a.dtype)  # every part is written whole before the sum reads it
         out = np.empty((m, n), dtype=a.dtype)
         _gemm.split_sum_kernel(a.T, b, parts, _blocks(inner, threads))
         _gemm.sum_parts(parts, out)
