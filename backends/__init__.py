@@ -93,6 +93,11 @@ def available() -> list[str]:
     return [name for name in _MODULES if _why_unavailable(name) is None]
 
 
+def why_unavailable(name) -> str | None:
+    """None when backend `name` can run here, else why not (with the install command); probes only that backend."""
+    return _why_unavailable(name)
+
+
 def unavailable() -> dict[str, str]:
     """Backend name -> why it cannot run here."""
     return {name: why for name in NAMES if (why := _why_unavailable(name)) is not None}

@@ -493,7 +493,7 @@ def check_backend(cfg: RunConfig) -> RunConfig:
     """cfg, or a ConfigError when it names a backend that cannot run on this machine (with why and how to get it):
     checked with the config, before any data is built. `auto` always runs. (A saved run's config is not checked
     here: a run trained on a GPU still loads on a CPU-only machine.)"""
-    why = None if cfg.backend == "auto" else backends.unavailable().get(cfg.backend)
+    why = None if cfg.backend == "auto" else backends.why_unavailable(cfg.backend)
     if why:
         raise ConfigError(f"backend = {cfg.backend!r} cannot run here: {why}")
     return cfg

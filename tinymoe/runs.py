@@ -138,7 +138,7 @@ def run_backend(name):
     """Run on the backend `resolve_backend(name)` picks. Yields its name. A saved run whose backend cannot run on
     this machine (trained on a GPU, evaluated on a CPU-only one) runs on the best backend here instead: the weights
     are the same on any device."""
-    if name != "auto" and name in backends.unavailable():
+    if name != "auto" and backends.why_unavailable(name):
         name = "auto"
     name = resolve_backend(name)
     with backends.use_backend(name):
