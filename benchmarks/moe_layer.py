@@ -67,6 +67,7 @@ import numpy as np
 
 from tinymoe import backends
 from tinymoe.activations import get_activation
+from tinymoe.arrays import to_host
 
 DTYPE = np.float32
 STAGES_FWD = ("route", "gather", "expert_ffn", "combine")
@@ -726,10 +727,6 @@ def run_dense_gpu(be, p, activation):
     return {"fwd": fwd, "bwd": bwd}, None
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 class GpuLayer:
     """The whole framework on the GPU (`--layer`): tm.nn.MoE moved with .to("cupy") (gate, aux losses, autodiff)
     against tm.nn.FeedForward on the T·k rows, also on the GPU; CUDA-event clocks."""
@@ -802,7 +799,7 @@ def bench_gpu_shape(shape, be, *, repeat, warmup, activation, torch_on, copy_bw,
             runs.pop(key, None)
     med = {key: _median_times(r) for key, r in runs.items() if r}
     _, ref_out = run_moe(dispatch, p, shape.E, activation)  # the NumPy reference once, untimed, for the error
-    got = {key: _host(value) for key, value in outputs["cupy"].items()}
+    got = {key: to_host(value) for key, value in outputs["cupy"].items()}
 
     itemsize = np.dtype(DTYPE).itemsize
     m, dense = med["cupy"], med["dense"]

@@ -319,8 +319,3 @@ class _Namespace:
 
 
 xp = _Namespace()
-
-
-def to_device(a):
-    """A host array (or nested data) as a GuardedArray; the same as xp.asarray."""
-    return xp.asarray(a)
