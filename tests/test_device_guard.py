@@ -171,7 +171,8 @@ def test_the_gradient_of_indexing_on_the_device_sums_repeats_as_on_the_host(n, m
         idx = tuple(module.asarray(i) for i in index) if two else module.asarray(index)
         with count_transfers() as moved:
             t[idx].backward(module.asarray(g))
-        assert moved.to_host == 0, moved
+        if module is xp:  # nothing is counted on the host
+            assert moved.to_host == 0, moved
         grads.append(t.grad if module is np else t.grad.get())
     np.testing.assert_array_equal(grads[0], grads[1])
 
@@ -337,7 +338,7 @@ def test_transformer_step_on_the_device_equals_the_cpu_step(case):
 @pytest.mark.parametrize("case", list(TAB_CASES))
 def test_multitask_step_on_the_device_equals_the_cpu_step(case):
     rng = np.random.default_rng(1)
-    x, y = rng.standard_normal((7, 6)).astype(np.float32), rng.integers(0, 1, (7, 2))
+    x, y = rng.standard_normal((7, 6)).astype(np.float32), rng.integers(0, 1, (7, 2))  # the towers give one logit
     on = {np: y, xp: xp.asarray(y)}  # the targets on each device, moved before the step
 
     def loss(outputs, m):
@@ -345,6 +346,7 @@ def test_multitask_step_on_the_device_equals_the_cpu_step(case):
                    F.cross_entropy(o, on[m][:, t]) for t, o in enumerate(outputs))
 
     host, dev = compare_steps(TAB_CASES[case], [x, {}], loss)
+    assert host.last_weights and len(host.last_weights) == len(dev.last_weights)
     for w_h, w_d in zip(host.last_weights, dev.last_weights):
         assert isinstance(w_d, np.ndarray)  # recorded on the device, copied when read
         np.testing.assert_array_equal(w_h, w_d)
