@@ -121,8 +121,8 @@ def task_pool(first, count, exclude=(), seq_len=8, vocab=10) -> list[tuple[str, 
 # ---- running a sweep and writing its results ----------------------------------------------------------------------
 
 
-def run_sweep(cfg, measure, *, claim, arm, baseline, metric, words, direction=+1, log=print):
-    """Run `measure(point, seed) -> (arm value, baseline value)` at every point of cfg's sweep on seeds
+def run_sweep(cfg, measure, *, claim, arm, baseline, metric, words, log=print):
+    """Run `measure(point, seed) -> (arm value, baseline value)`, where higher favours the claim, at every point of cfg's sweep on seeds
     0..cfg["seeds"]-1; returns (points, {label: (arm values, baseline values)}, comparisons, summary lines).
     words: {axis: what it counts}, e.g. {"tasks": "tasks in the mixture", "experts": "experts",
     "data": "examples per related task"}."""
@@ -136,7 +136,7 @@ def run_sweep(cfg, measure, *, claim, arm, baseline, metric, words, direction=+1
             values[label(p)][1].append(float(b))
             log(f"  seed {seed} {label(p)}: {arm} {a:.3f}, {baseline} {b:.3f}, difference {a - b:+.3f}")
     comparisons = [compare(*values[label(p)], claim=claim, arm=f"{arm}, {label(p)}", baseline=baseline,
-                           metric=metric, direction=direction, scale=scale_words(p, words)) for p in points]
+                           metric=metric, scale=scale_words(p, words)) for p in points]
     verdict_of = {label(p): c.verdict for p, c in zip(points, comparisons)}
     summary = []
     for axis in axes:
@@ -176,7 +176,7 @@ def scale_words(point, words) -> str:
 
 
 def write_sweep(path, *, experiment, preset, title, cfg, points, values, comparisons, summary, arm, baseline, metric,
-                words, notes, plot_name, backend, timer, extra=None) -> dict:
+                words, notes, plot_name, backend, timer) -> dict:
     """results.md (the per-point table, the comparisons, the summary per axis), the effect-against-scale plot and
     results.json of a sweep; returns the experiment's result dict."""
     rows = [[label(p), fmt(values[label(p)][0]), fmt(values[label(p)][1]), c.interval(), c.seeds, f"{c.p:.3g}",
@@ -193,7 +193,7 @@ def write_sweep(path, *, experiment, preset, title, cfg, points, values, compari
                             values={k: dict(arm=a, baseline=b) for k, (a, b) in values.items()},
                             comparisons=comparisons, summary=summary, scale_tried=scale_tried(cfg, words),
                             arm=arm, settings=[label(p) for p in points],
-                            backend=backend, **record, **(extra or {})))
+                            backend=backend, **record))
     return {"dir": path, "table": table, "rows": rows, "comparisons": comparisons, "summary": summary,
             "seconds": record["seconds"]}
 
