@@ -192,3 +192,5 @@ def test_timer_records_wall_cpu_and_load():
     r = timer.record()
     assert r["seconds"] > 0 and r["cpu_seconds"] > 0 and len(r["load"]) == 2
     assert "s wall" in timer.describe() and "s CPU" in timer.describe()
+    sum(i * i for i in range(100_000))
+    assert timer.record() == r  # the first record ends the clock: the notes and results.json agree

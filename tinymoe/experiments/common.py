@@ -166,6 +166,7 @@ class Timer:
     def __init__(self):
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.load_start = _load()
+        self._end = None  # the record, once taken: the notes and results.json quote the same numbers
 
     @property
     def seconds(self):
@@ -176,8 +177,11 @@ class Timer:
         return time.process_time() - self.cpu_start
 
     def record(self) -> dict:
-        """{"seconds", "cpu_seconds", "load"}: for results.json (the report quotes them)."""
-        return dict(seconds=self.seconds, cpu_seconds=self.cpu_seconds, load=[self.load_start, _load()])
+        """{"seconds", "cpu_seconds", "load"}: for results.json (the report quotes them). The first call (of this
+        or `describe`) ends the run's clock; later calls give the same numbers."""
+        if self._end is None:
+            self._end = dict(seconds=self.seconds, cpu_seconds=self.cpu_seconds, load=[self.load_start, _load()])
+        return dict(self._end)
 
     def describe(self) -> str:
         """'412 s wall, 388 s CPU, load average 2.9 -> 3.4'."""

@@ -253,7 +253,8 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     table_b = markdown_table(["model", "normalised test MSE", "ARI (selected experts vs true clusters)",
                               "ARI under the permutation null", "experts per gate (mean weight ≥ 0.01)"], rows_b)
     verdicts = comparison_table(comparisons)
-    seconds = timer.seconds
+    took = timer.record()  # the run's wall and CPU seconds and load, as results.json keeps them
+    seconds = took["seconds"]
     notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds, mean ± std over seeds of the normalised test MSE "
              f"(MSE / Var(y_test), averaged over tasks; lower is better); backend {backend}. Generator: d={cfg['d']}, "
              f"c={cfg['c']}, m={cfg['m']} sinusoids, generator seed {generator} (linear R² {r2:.2f}); {cfg['n']} "
@@ -273,7 +274,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     save_results(path, dict(experiment="e1", preset=preset, config=cfg, generator=generator, linear_r2=r2,
                             values={f"{m} | rho={rho}": v for (m, rho), v in nmse.items()}, clustered=cl, ari=ari,
                             ari_null=null, experts_used=used, lrs=lrs, lrs_b=lrs_b, comparisons=comparisons,
-                            seconds=seconds, backend=backend))
+                            backend=backend, **took))
     return {"dir": path, "table": "\n\n".join([table_a, table_b, verdicts]), "rows": rows_a + rows_b,
             "comparisons": comparisons, "seconds": seconds}
 

@@ -135,7 +135,8 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     table = markdown_table(["arm", "base acc. after phase 1", "continued on base only",
                             "continued on base + unrelated", "Δ (unrelated − base only)", "lr (tuned)"], rows)
     verdicts = comparison_table(comparisons)
-    seconds, took = timer.seconds, timer.describe()
+    took = timer.describe()  # ends the run's clock: results.json gets the same numbers
+    seconds = timer.record()["seconds"]
     unrel = ", ".join(f"{num} {kind}" for kind, num in cfg["unrelated"].items())
     notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds, mean ± std over seeds; backend {backend}. Base tasks: "
              f"{', '.join(base_names)} ({cfg['n_per_task']} examples each); unrelated tasks: {unrel} (as many "

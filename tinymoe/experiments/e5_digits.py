@@ -67,7 +67,8 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     table = markdown_table(["model", "mean test accuracy (left, right)", "experts per gate (mean weight ≥ 0.01)",
                             "lr (tuned)"], rows)
     verdicts = comparison_table(comparisons)
-    seconds = timer.seconds
+    took = timer.record()  # the run's wall and CPU seconds and load, as results.json keeps them
+    seconds = took["seconds"]
     notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds, mean ± std over seeds; backend {backend}. "
              f"{cfg['n_train']} training / {cfg['n_val']} validation images from one part of the source digits, "
              f"{cfg['n_test']} test images from the other; E={cfg['num_experts']}, k={cfg['k']}, experts "
@@ -79,6 +80,6 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     for c in comparisons:
         log(c.sentence())
     save_results(path, dict(experiment="e5", preset=preset, config=cfg, values=acc, experts_used=used, lrs=lrs,
-                            comparisons=comparisons, seconds=seconds, backend=backend))
+                            comparisons=comparisons, backend=backend, **took))
     return {"dir": path, "table": table + "\n\n" + verdicts, "rows": rows, "comparisons": comparisons,
             "seconds": seconds, "mean": float(np.mean([np.mean(v) for v in acc.values()]))}

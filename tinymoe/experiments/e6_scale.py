@@ -65,7 +65,8 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     verdict_of = {key: c.verdict for key, c in zip(gain, comparisons)}
     lines = [f"E={E}: " + holds_from(cfg["tasks"], [verdict_of[(T, E)] for T in cfg["tasks"]], "T")
              for E in cfg["experts"]]
-    seconds = timer.seconds
+    took = timer.record()  # the run's wall and CPU seconds and load, as results.json keeps them
+    seconds = took["seconds"]
     notes = [f"Preset `{preset}`: {cfg['seeds']} paired seeds (each setting's ARI minus its permutation-null ARI, "
              f"so each row is its own primary comparison, uncorrected); backend {backend}; generator seed {generator}"
              f" (linear R² {r2:.2f}), d={cfg['d']}; {cfg['n_per_task']} examples per task (60/20/20), within-cluster "
@@ -79,7 +80,7 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
         log(line)
     save_results(path, dict(experiment="e6", preset=preset, config=cfg, values={f"T={T} E={E}": v
                                                                               for (T, E), v in gain.items()},
-                            comparisons=comparisons, summary=lines, seconds=seconds, backend=backend))
+                            comparisons=comparisons, summary=lines, backend=backend, **took))
     return {"dir": path, "table": table, "rows": rows, "comparisons": comparisons, "seconds": seconds}
 
 
