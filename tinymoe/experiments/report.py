@@ -15,6 +15,7 @@ import json
 import os
 
 from ..checkpoint import write_atomic
+from . import EXPERIMENTS, get
 from .stats import Comparison
 
 # (paper, claim, experiment, the claim string its primary comparison carries) — one row per claim of both papers
@@ -40,8 +41,6 @@ CLAIMS = [
     ("Gupta et al. 2022", "… (iii) against the number of unrelated tasks added (4 → 16 → 32), experts (4 → 16) and "
      "data per base task", "e9", "(iii) adding unrelated tasks hurts task-aware MoE less (scale sweep)"),
 ]
-NAMES = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits",
-         "e6": "e6_scale", "e7": "e7_sweep_transfer", "e8": "e8_sweep_unseen", "e9": "e9_sweep_unrelated"}
 TITLES = {"e1": "E1 — gates on synthetic multi-task regression", "e2": "E2 — low-resource transfer (claim i)",
           "e3": "E3 — unseen tasks (claim ii)", "e4": "E4 — adding unrelated tasks (claim iii)",
           "e5": "E5 — gates on multi-digit images", "e6": "E6 — cluster recovery against scale",
@@ -89,13 +88,6 @@ def summary_rows(results):
     return rows
 
 
-def _module(name):
-    """The module of experiment `name` (imported by name: the package imports this module, not the reverse)."""
-    import importlib
-
-    return importlib.import_module(f"{__package__}.{NAMES[name]}")
-
-
 def build(results, preset, doc_dir) -> str:
     """The text of docs/results.md; copies each experiment's PNGs into doc_dir/results/."""
     from .common import markdown_table
@@ -138,8 +130,8 @@ def build(results, preset, doc_dir) -> str:
               "named. The sweeps reuse the tuned lr of the experiment they extend instead of tuning per setting, and "
               "train for the same steps at every setting, so a larger mixture also means fewer updates per task.",
               ""]
-    ran = [n for n in NAMES if n in results]
-    missing = [n for n in NAMES if n not in results]
+    ran = [n for n in EXPERIMENTS if n in results]
+    missing = [n for n in EXPERIMENTS if n not in results]
     lines += [f"Ran at preset `{preset}`: {', '.join(ran) or 'none'}" +
               (f"; not run: {', '.join(missing)}." if missing else "."), ""]
     os.makedirs(os.path.join(doc_dir, "results"), exist_ok=True)
@@ -147,7 +139,7 @@ def build(results, preset, doc_dir) -> str:
         res = results[name]
         folder = res["_dir"]
         lines += [f"## {TITLES[name]}", ""]
-        about = (_module(name).__doc__ or "").split("\n", 1)[-1].strip()  # the module docstring: what and why
+        about = (get(name).__doc__ or "").split("\n", 1)[-1].strip()  # the module docstring: what and why
         if about:
             lines += [about, ""]
         with open(os.path.join(folder, "results.md")) as f:
@@ -176,11 +168,11 @@ def _took(res) -> str:
 def report(preset="small", root=os.path.join("runs", "experiments"), doc=os.path.join("docs", "results.md"),
            run_missing=False, backend="numpy", log=print) -> str:
     results = {}
-    for name in NAMES:
+    for name in EXPERIMENTS:
         res = load(root, name, preset)
         if res is None and run_missing:
             os.environ.setdefault("TINYMOE_BACKEND", backend)
-            _module(name).run(preset=preset, out=run_folder(root, name, preset), log=log)
+            get(name).run(preset=preset, out=run_folder(root, name, preset), log=log)
             res = load(root, name, preset)
         if res is not None:
             res["_dir"] = run_folder(root, name, preset)
