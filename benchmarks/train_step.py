@@ -54,8 +54,15 @@ LR, WEIGHT_DECAY, CLIP = 1e-3, 0.01, 1.0
 CONTENDERS = ("numpy", "numba", "torch")
 
 
+GPU_CONFIG = dict(d_model=512, n_heads=8, d_ff=2048, num_experts=8, k=2, n_layers=4, batch=32, seq_len=128)  # `gpu`
+
+
+def _shape(name):
+    return GPU_CONFIG if name == "gpu" else CONFIGS[name]
+
+
 def model_config(name, seed=0) -> ModelConfig:
-    c = CONFIGS[name]
+    c = _shape(name)
     return ModelConfig(vocab_size=VOCAB, max_seq_len=c["seq_len"], d_model=c["d_model"], n_layers=c["n_layers"],
                        n_heads=c["n_heads"], d_ff=c["d_ff"], num_experts=c["num_experts"], k=c["k"], moe_every=1,
                        gate="top_k", router="token", seed=seed)
@@ -63,7 +70,7 @@ def model_config(name, seed=0) -> ModelConfig:
 
 def batches(name, count, seed=0):
     """`count` (tokens, targets) batches of random ids, the same for every contender."""
-    c = CONFIGS[name]
+    c = _shape(name)
     rng = np.random.default_rng(seed + 1)
     return [(rng.integers(0, VOCAB, (c["batch"], c["seq_len"])), rng.integers(0, VOCAB, (c["batch"], c["seq_len"])))
             for _ in range(count)]
@@ -417,19 +424,10 @@ def main(argv=None):
 # numba backend's step on the 2-core CPU machine. `python benchmarks/train_step.py gpu [--json PATH]` times that step
 # on the cupy backend (the model moved with model.to("cupy"), each batch moved once per step) and on numba in this
 # process; a contender that cannot run here is skipped with the registry's reason.
-GPU_CONFIG = dict(d_model=512, n_heads=8, d_ff=2048, num_experts=8, k=2, n_layers=4, batch=32, seq_len=128)
-
-
 def gpu_step_times(contender, steps, warmup, seed=0):
     """Seconds of fit's step (forward, cross-entropy + aux, backward, clip, AdamW) on GPU_CONFIG for `contender`:
     "cupy" (clocks read after a synchronize) or a host backend. Returns median_s, seconds and the first loss."""
-    c = GPU_CONFIG
-    cfg = ModelConfig(vocab_size=VOCAB, max_seq_len=c["seq_len"], d_model=c["d_model"], n_layers=c["n_layers"],
-                      n_heads=c["n_heads"], d_ff=c["d_ff"], num_experts=c["num_experts"], k=c["k"], moe_every=1,
-                      gate="top_k", router="token", seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    data = [(rng.integers(0, VOCAB, (c["batch"], c["seq_len"])), rng.integers(0, VOCAB, (c["batch"], c["seq_len"])))
-            for _ in range(warmup + steps)]
+    cfg, data = model_config("gpu", seed), batches("gpu", warmup + steps, seed)
     xp, sync = np, (lambda: None)
     if contender == "cupy":
         import cupy
