@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import functional as F
-from .arrays import array_module
+from .arrays import array_module, move
 from .engine import Tensor, where
 
 GATES = ("softmax", "top_k", "noisy_top_k", "dselect_k", "expert_choice", "hash")
@@ -243,4 +243,4 @@ def hash_gate(ids, num_experts, k, table_size=4096, seed=0, dtype=np.float32) ->
 def _hash_table(table_size, num_experts, k, seed, xp):
     """(table_size, k) experts per id: a seeded random permutation per row (host draw, one copy to xp's device)."""
     table = np.random.default_rng(seed).random((table_size, num_experts)).argsort(axis=1)[:, :k]
-    return table if xp is np else xp.asarray(table)
+    return move(table, xp)

@@ -34,7 +34,7 @@ import numpy as np
 from . import backends
 from . import functional as F
 from . import optim as O
-from .arrays import to_host
+from .arrays import move, to_host
 from .data import SequenceTasks, TabularTasks
 from .engine import Tensor, no_grad
 from .nn.module import device_module
@@ -138,7 +138,7 @@ def batch(data, idx, xp=np) -> dict:
     out = {}
     for name in ("tokens", "task_ids", "targets") if _is_sequence(data) else ("x", "y"):
         host = getattr(data, name)[idx]  # (B, ...)
-        out[name] = host if xp is np else xp.asarray(host)
+        out[name] = move(host, xp)
     return out
 
 

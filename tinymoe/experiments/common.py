@@ -16,6 +16,7 @@ from datetime import datetime
 
 import numpy as np
 
+from ..arrays import move
 from ..checkpoint import write_atomic
 from ..nn import Module, SharedBottom  # noqa: F401  (SharedBottom, the E1 baseline, lives in the library: `tinymoe train` builds it too)
 from ..plots import save_figure
@@ -252,7 +253,7 @@ class FixedRouter(Module):
 
         xp = x.xp  # built on the input's device
         task_ids = task_ids.data if isinstance(task_ids, Tensor) else xp.asarray(task_ids)
-        table = self.table if xp is np else xp.asarray(self.table)
+        table = move(self.table, xp)
         logits = xp.zeros((len(task_ids), self.num_experts), x.dtype)
         logits[xp.arange(len(task_ids)), table[task_ids]] = 20.0
         return Tensor(logits)

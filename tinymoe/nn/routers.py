@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arrays import device_name
+from ..arrays import device_name, move
 from ..engine import Tensor, concatenate
 from .module import Module, Parameter, make_rng
 
@@ -75,7 +75,7 @@ class TaskEmbedding(Module):
             table = np.full((self.num_tasks, width), -1)
             for i, parts in enumerate(self.descriptions):
                 table[i, : len(parts)] = parts
-            self._table = cached = (key, table if xp is np else xp.asarray(table))
+            self._table = cached = (key, move(table, xp))
         return cached[1]
 
 
