@@ -23,20 +23,9 @@ runs/experiments/<name>-<time>). `--preset tiny` runs in seconds (tests); `--pre
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 
-EXPERIMENTS = {"e1": "e1_gates", "e2": "e2_transfer", "e3": "e3_unseen", "e4": "e4_unrelated", "e5": "e5_digits",
-               "e6": "e6_scale", "e7": "e7_sweep_transfer", "e8": "e8_sweep_unseen", "e9": "e9_sweep_unrelated"}
-
-
-def get(name):
-    """The module of experiment `name` ('e1' or 'e1_gates', ...)."""
-    key = name.lower()
-    for short, module in EXPERIMENTS.items():
-        if key in (short, module):
-            return importlib.import_module(f"{__name__}.{module}")
-    raise ValueError(f"unknown experiment {name!r}; choose one of {list(EXPERIMENTS)} (or {list(EXPERIMENTS.values())})")
+from .registry import EXPERIMENTS, get
 
 
 def run(name, preset="small", seeds=None, out=None, log=print) -> dict:

@@ -15,7 +15,7 @@ import json
 import os
 
 from ..checkpoint import write_atomic
-from . import EXPERIMENTS, get
+from .registry import EXPERIMENTS, get
 from .stats import Comparison
 
 # (paper, claim, experiment, the claim string its primary comparison carries) — one row per claim of both papers
