@@ -25,15 +25,15 @@ import os
 
 import numpy as np
 
+from ..arrays import CUDA_INSTALL
+
 PRIMITIVES = ("capacity_keep", "route", "gather", "gather_backward", "expert_ffn", "expert_ffn_backward", "combine",
               "combine_backward")
 
 NAMES = ("numpy", "numba", "cupy")  # every backend tinymoe knows (the one list of names), the reference first
 _MODULES = {"numpy": "tinymoe.dispatch", "numba": "tinymoe.backends.numba", "cupy": "tinymoe.backends.cupy"}
 HOST = ("numpy", "numba")  # the backends that take NumPy arrays
-_INSTALL = {"numba": "pip install 'tinymoe[numba]' (numba and scipy)",
-            "cupy": "pip install 'tinymoe[cuda12]' (CUDA 12 driver) or 'tinymoe[cuda13]' (CUDA 13) on a machine with "
-                    "an NVIDIA GPU"}
+_INSTALL = {"numba": "pip install 'tinymoe[numba]' (numba and scipy)", "cupy": CUDA_INSTALL}
 _loaded: dict = {}
 _current: str | None = None
 _held = contextlib.ExitStack()  # the current backend's session, held for as long as it is current (set_backend)
@@ -132,7 +132,8 @@ def _host_auto() -> str:
 
 
 def _where(a) -> str:
-    """"host" (NumPy), "cupy" (an NVIDIA GPU), or "other" (another NumPy-like module, e.g. tinymoe.guarded)."""
+    """"host" (NumPy), "cupy" (an NVIDIA GPU), or "other" (another NumPy-like module, e.g. tinymoe.guarded). From
+    the type's module alone: unlike tinymoe.arrays.device_of, it never imports CuPy."""
     if isinstance(a, (np.ndarray, np.generic)):
         return "host"
     return "cupy" if type(a).__module__.startswith("cupy") else "other"
