@@ -79,17 +79,14 @@ def run(preset="small", seeds=None, out=None, log=print) -> dict:
     counts = [cfg["n_related"]] * len(cfg["related"]) + [cfg["n_target"]]
     share = cfg["n_target"] / sum(counts)
 
-    def train_arm(arm, lr, seed):
-        return target_accuracy(arm, cfg, lr, seed)
-
     acc = {a: [] for a in arms}
     with fastest_backend() as backend:
         log(f"E2 ({preset}): backend {backend}, target {target} with {share:.1%} of the data, {cfg['seeds']} seeds, "
             f"lr grid {lr_grid(cfg)}")
-        lrs = tune_lr(arms, lambda arm, lr, seed: train_arm(arm, lr, seed)[0], cfg, log)
+        lrs = tune_lr(arms, lambda arm, lr, seed: target_accuracy(arm, cfg, lr, seed)[0], cfg, log)
         for seed in range(cfg["seeds"]):
             for arm in arms:
-                acc[arm].append(train_arm(arm, lrs[arm], seed)[1])
+                acc[arm].append(target_accuracy(arm, cfg, lrs[arm], seed)[1])
                 log(f"  seed {seed} {arm}: {target} accuracy {acc[arm][-1]:.3f}")
 
     comparisons = comparisons_of(acc, cfg)
